@@ -18,6 +18,9 @@ low memory, for simulation). ``tests/test_acquisition.py`` checks that they agre
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +32,17 @@ from ..volume import Stack
 from .psf import INPLANE_FWHM_PER_SPACING, profile_halfwidth, profile_weights
 
 #: Points per chunk when building or applying the sampler (bounds temporary memory).
-_CHUNK_POINTS = 2_000_000
+_CHUNK_POINTS = 1_000_000
+
+
+def _threaded(fn: Callable, items: Iterable) -> list:
+    """``[fn(i) for i in items]`` on a thread per core (scipy.ndimage and large numpy ops release the GIL)."""
+    items = list(items)
+    workers = min(len(items), os.cpu_count() or 1)
+    if workers <= 1:
+        return [fn(i) for i in items]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
 
 
 @dataclass
@@ -198,12 +211,13 @@ class StackOperator:
         world_to_vox = np.linalg.inv(grid_affine)
         self.samplers = []
         for g in self.groups:
-            blocks = []
-            per_plane = len(g.fine_x) * len(g.fine_y)
-            chunk = max(1, _CHUNK_POINTS // per_plane)
-            for z0 in range(0, len(g.fine_z), chunk):
+            chunk = max(1, _CHUNK_POINTS // (len(g.fine_x) * len(g.fine_y)))
+
+            def block(z0: int, g: SliceGroup = g, chunk: int = chunk) -> sp.csr_matrix:
                 pts = apply_affine(world_to_vox, g.fine_points_world(slice(z0, z0 + chunk)))
-                blocks.append(trilinear_matrix(pts.reshape(-1, 3), self.grid_shape))
+                return trilinear_matrix(pts.reshape(-1, 3), self.grid_shape)
+
+            blocks = _threaded(block, range(0, len(g.fine_z), chunk))
             self.samplers.append(sp.vstack(blocks, format="csr") if len(blocks) > 1 else blocks[0])
 
     @property
@@ -243,15 +257,16 @@ def acquire(
     world_to_vox = np.linalg.inv(volume_affine)
     out = np.zeros(stack.data.shape, dtype=np.float32)
     for g in plan_groups(stack, voxel_spacing(volume_affine), step_mm=step_mm):
-        per_plane = len(g.fine_x) * len(g.fine_y)
-        chunk = max(1, _CHUNK_POINTS // per_plane)
-        acc = np.zeros((len(g.slices), len(g.fine_x), len(g.fine_y)), dtype=np.float32)
-        for z0 in range(0, len(g.fine_z), chunk):
+        chunk = max(1, _CHUNK_POINTS // (len(g.fine_x) * len(g.fine_y)))
+
+        def partial(z0: int, g: SliceGroup = g, chunk: int = chunk) -> np.ndarray:
             pts = apply_affine(world_to_vox, g.fine_points_world(slice(z0, z0 + chunk)))
             vals = ndimage.map_coordinates(
                 data, np.moveaxis(pts, -1, 0), order=1, mode="grid-constant", cval=0.0, prefilter=False
             )
             k = vals.shape[0]
-            acc += (g.mz[:, z0 : z0 + k] @ vals.reshape(k, -1)).reshape(acc.shape)
+            return (g.mz[:, z0 : z0 + k] @ vals.reshape(k, -1)).reshape(len(g.slices), len(g.fine_x), len(g.fine_y))
+
+        acc = sum(_threaded(partial, range(0, len(g.fine_z), chunk)))
         out[g.slices] = g.mx @ (acc @ g.my.T)
     return out

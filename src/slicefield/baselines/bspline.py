@@ -1,4 +1,4 @@
-"""B-spline baseline: each stack resampled with cubic B-splines onto the target grid, then averaged (IREM's baseline)."""
+"""B-spline baseline: each stack resampled with cubic B-splines onto the target grid, then averaged (as in IREM)."""
 
 from __future__ import annotations
 

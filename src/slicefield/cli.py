@@ -1,0 +1,350 @@
+"""The slicefield command line: parses arguments, builds typed configs, calls the library, shows progress.
+
+Heavy libraries (torch, SimpleITK, scipy) are imported inside the commands so ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import SlicefieldError
+
+log = logging.getLogger("slicefield")
+
+
+# ----------------------------------------------------------------------------------------------- progress
+class Reporter:
+    """Progress bars with ETA on stderr (rich), quiet when asked."""
+
+    def __init__(self, *, quiet: bool = False):
+        from rich.console import Console
+
+        self.console = Console(stderr=True, quiet=quiet)
+
+    def info(self, message: str) -> None:
+        self.console.print(message)
+
+    @contextmanager
+    def steps(self) -> Iterator[Callable[[str], Callable[[int, int], None]]]:
+        """A progress display; yields ``step(name)`` which adds a bar and returns its ``(done, total)`` callback."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+        columns = (
+            "[progress.description]{task.description:<12}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            "eta",
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=self.console) as bar:
+
+            def step(name: str) -> Callable[[int, int], None]:
+                tid = bar.add_task(name, total=None)
+                return lambda done, total: bar.update(tid, completed=done, total=total)
+
+            yield step
+
+    @contextmanager
+    def task(self, description: str) -> Iterator[Callable[[int, int], None]]:
+        """One progress bar with ETA; yields its ``(done, total)`` callback."""
+        with self.steps() as step:
+            yield step(description)
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+def _stacks(args: argparse.Namespace) -> list:
+    from .io import check_inputs, load_dicom_series, load_image_folder, load_stack
+
+    stacks = []
+    for p in args.stacks:
+        path = Path(p)
+        if not path.exists():
+            raise SlicefieldError("no such file or folder", path=path, fix="check the path")
+        if path.is_dir():
+            images = [f for f in path.iterdir() if f.suffix.lower() in (".png", ".tif", ".tiff")]
+            if images:
+                if args.pixel_spacing is None:
+                    raise SlicefieldError(
+                        "a folder of image slices has no geometry", path=path, fix="pass --pixel-spacing MM"
+                    )
+                stacks.append(
+                    load_image_folder(path, spacing=args.pixel_spacing, thickness=args.thickness, psf=args.psf)
+                )
+            else:
+                stacks.append(load_dicom_series(path, thickness=args.thickness, psf=args.psf))
+        else:
+            stacks.append(load_stack(path, thickness=args.thickness, psf=args.psf))
+    for warning in check_inputs(stacks):
+        log.warning(warning)
+    return stacks
+
+
+def _grid(args: argparse.Namespace, stacks: list):
+    import numpy as np
+
+    from .baselines.grid import joint_grid
+    from .io import load_volume
+    from .volume import Volume
+
+    if args.like:
+        ref = load_volume(args.like)
+        return Volume(np.zeros(ref.shape, np.float32), ref.affine)
+    resolution = args.resolution or min(min(s.spacing) for s in stacks)
+    return joint_grid(stacks, resolution=resolution)
+
+
+def _mask(spec: str, reference):
+    import numpy as np
+
+    from .io import load_volume
+    from .metrics import foreground_mask
+
+    if spec == "none":
+        return None
+    if spec == "auto":
+        return foreground_mask(reference.data)
+    m = load_volume(spec)
+    if m.shape != reference.shape or not np.allclose(m.affine, reference.affine, atol=1e-3):
+        raise SlicefieldError("mask grid differs from the reference grid", path=spec, fix="resample the mask")
+    return m.data > 0.5
+
+
+def _print_table(rows: list[dict]) -> None:
+    from .benchmark import format_table
+
+    print(format_table(rows))
+
+
+# ----------------------------------------------------------------------------------------------- commands
+def cmd_simulate(args: argparse.Namespace, reporter: Reporter) -> int:
+    from dataclasses import asdict
+
+    from .acquisition.simulate import SimulationConfig, apply_simulation, sample_simulation
+    from .io import load_volume, save_stack
+    from .io.atomic import atomic_write
+
+    volume = load_volume(args.volume)
+    motion_deg, motion_mm = args.motion
+    config = SimulationConfig(
+        orientations=tuple(o.strip() for o in args.orientations.split(",") if o.strip()),
+        thickness=args.thickness,
+        gap=args.gap,
+        inplane=args.inplane,
+        psf=args.psf,
+        noise=args.noise,
+        noise_kind=args.noise_kind,
+        motion_deg=motion_deg,
+        motion_mm=motion_mm,
+        seed=args.seed,
+    )
+    record = sample_simulation(volume, config)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with reporter.task("simulate stacks") as cb:
+        stacks = apply_simulation(volume, record, progress=lambda k: cb(k + 1, len(record.stacks)))
+    for stack in stacks:
+        save_stack(stack, out / f"{stack.name}.nii.gz")
+    doc = {"source": str(Path(args.volume).resolve()), **record.to_json()}
+    atomic_write(out / "simulation.json", lambda p: p.write_text(json.dumps(doc, indent=1)))
+    reporter.info(f"wrote {len(stacks)} stacks and simulation.json to {out}  (config: {asdict(config)})")
+    return 0
+
+
+def cmd_reconstruct(args: argparse.Namespace, reporter: Reporter) -> int:
+    from .baselines.srr import SRRConfig
+    from .io import save_volume
+    from .reconstruct import ReconstructConfig, reconstruct
+
+    stacks = _stacks(args)
+    grid = _grid(args, stacks)
+    config = ReconstructConfig(
+        method=args.method,
+        srr=SRRConfig(regularization=args.regularization, weight=args.weight, iterations=args.iterations),
+    )
+    reporter.info(f"reconstructing {len(stacks)} stacks on a {grid.shape} grid with {args.method}")
+    with reporter.task(args.method) as cb:
+        out = reconstruct(stacks, grid, config=config, progress=cb)
+    save_volume(out, args.output)
+    reporter.info(f"wrote {args.output}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace, reporter: Reporter) -> int:
+    import numpy as np
+
+    from .io import load_volume
+    from .io.atomic import atomic_write
+    from .itk import resample
+    from .metrics import evaluate
+
+    ref = load_volume(args.reference)
+    test = load_volume(args.volume)
+    if test.shape != ref.shape or not np.allclose(test.affine, ref.affine, atol=1e-3):
+        log.warning("%s is on another grid than the reference: resampled (cubic B-spline) onto it", args.volume)
+        test = test.with_data(resample(test.data, test.affine, shape=ref.shape, target_affine=ref.affine))
+    metrics = evaluate(ref.data, test.data, mask=_mask(args.mask, ref), data_range=args.data_range)
+    metrics = {"volume": str(args.volume), "reference": str(args.reference), "mask": args.mask, **metrics}
+    text = json.dumps(metrics, indent=1)
+    if args.json:
+        atomic_write(args.json, lambda p: p.write_text(text))
+    print(text)
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace, reporter: Reporter) -> int:
+    from .acquisition.simulate import SimulationConfig
+    from .benchmark import BenchmarkConfig
+    from .io import load_volume
+
+    reference = load_volume(args.volume)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    config = BenchmarkConfig(
+        methods=methods,
+        simulation=SimulationConfig(
+            orientations=tuple(args.orientations.split(",")),
+            thickness=args.thickness,
+            gap=args.gap,
+            psf=args.psf,
+            noise=args.noise,
+            seed=args.seed,
+        ),
+    )
+    result = _run_benchmark(reference, config, reporter)
+    _print_table(result.rows)
+    return 0
+
+
+def _run_benchmark(reference, config, reporter: Reporter):
+    from .benchmark import run_benchmark
+
+    with reporter.steps() as step:
+        return run_benchmark(reference, config=config, progress=step)
+
+
+def cmd_preprocess(args: argparse.Namespace, reporter: Reporter) -> int:
+    from .io import load_stack, save_stack
+    from .preprocess import histogram_equalize, rescale_slices
+
+    stack = load_stack(args.stack, thickness=args.thickness)
+    if args.equalize:
+        stack = stack.with_data(histogram_equalize(stack.data, levels=args.levels))
+    if args.rescale:
+        stack = rescale_slices(stack, factor=args.rescale)
+    save_stack(stack, args.output)
+    reporter.info(f"wrote {args.output}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, reporter: Reporter) -> int:
+    from .demo import run_demo
+
+    return run_demo(out_dir=Path(args.out_dir), reporter=reporter, methods=args.methods)
+
+
+# ----------------------------------------------------------------------------------------------- parser
+def _motion(text: str) -> tuple[float, float]:
+    try:
+        deg, mm = (float(v) for v in text.split(","))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError("--motion takes DEG,MM, e.g. 5,5") from e
+    return deg, mm
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slicefield", description=__doc__.splitlines()[0])
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def stack_inputs(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("stacks", nargs="+", help="stacks: NIfTI files, DICOM series folders or image folders")
+        sp.add_argument("--thickness", type=float, help="slice thickness in mm (default: header/sidecar)")
+        sp.add_argument("--psf", choices=("gaussian", "box"), default=None, help="slice profile (default gaussian)")
+        sp.add_argument("--pixel-spacing", type=float, help="in-plane mm, for folders of PNG/TIFF slices")
+
+    def acquisition(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--orientations", default="axial,coronal,sagittal", help="e.g. axial,coronal@10,0,0")
+        sp.add_argument("--thickness", type=float, default=4.0, help="slice thickness in mm")
+        sp.add_argument("--gap", type=float, default=0.0, help="gap between slices in mm")
+        sp.add_argument("--psf", choices=("gaussian", "box"), default="gaussian")
+        sp.add_argument("--noise", type=float, default=0.01, help="noise std as a fraction of the max intensity")
+        sp.add_argument("--seed", type=int, default=0)
+
+    s = sub.add_parser("demo", help="simulate stacks from the MNI152 template and reconstruct with every method")
+    s.add_argument("--out-dir", default="slicefield-demo", help="run directory to write")
+    s.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("simulate", help="acquire thick-slice stacks from a volume")
+    s.add_argument("volume", help="high-resolution NIfTI volume")
+    s.add_argument("--out-dir", required=True)
+    acquisition(s)
+    s.add_argument("--inplane", type=float, help="in-plane spacing in mm (default: the volume's)")
+    s.add_argument("--noise-kind", choices=("gaussian", "rician"), default="gaussian")
+    s.add_argument("--motion", type=_motion, default=(0.0, 0.0), metavar="DEG,MM", help="per-slice motion range")
+    s.set_defaults(func=cmd_simulate)
+
+    s = sub.add_parser("reconstruct", help="reconstruct a volume from stacks")
+    stack_inputs(s)
+    s.add_argument("-o", "--output", required=True, help="output NIfTI")
+    s.add_argument("--method", default="srr", help="bspline or srr")
+    s.add_argument("--like", help="reconstruct on this NIfTI's grid")
+    s.add_argument("--resolution", type=float, help="isotropic voxel size in mm over the stacks' joint FOV")
+    s.add_argument("--regularization", choices=("huber", "tikhonov"), default="huber", help="srr penalty")
+    s.add_argument("--weight", type=float, default=0.05, help="srr regularisation weight")
+    s.add_argument("--iterations", type=int, default=12, help="srr CG iterations per solve")
+    s.set_defaults(func=cmd_reconstruct)
+
+    s = sub.add_parser("evaluate", help="PSNR / SSIM / NRMSE of a volume against a reference")
+    s.add_argument("volume")
+    s.add_argument("--reference", required=True)
+    s.add_argument("--mask", default="auto", help="auto (Otsu foreground of the reference), none, or a NIfTI")
+    s.add_argument("--data-range", type=float, help="default: reference max - min")
+    s.add_argument("--json", help="also write the metrics to this file")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("benchmark", help="simulate, reconstruct with every method, one table")
+    s.add_argument("volume", help="high-resolution reference NIfTI")
+    s.add_argument("--methods", default="bspline,srr")
+    acquisition(s)
+    s.set_defaults(func=cmd_benchmark)
+
+    s = sub.add_parser("preprocess", help="histogram equalisation and bicubic in-plane rescaling of a stack")
+    s.add_argument("stack")
+    s.add_argument("-o", "--output", required=True)
+    s.add_argument("--thickness", type=float)
+    s.add_argument("--equalize", action="store_true", help="histogram equalisation T(r)=floor((L-1)C(r)+1/2)")
+    s.add_argument("--levels", type=int, default=256, help="grey levels L for --equalize")
+    s.add_argument("--rescale", type=float, help="in-plane bicubic rescale factor")
+    s.set_defaults(func=cmd_preprocess)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        reporter = Reporter(quiet=args.quiet)
+        return int(args.func(args, reporter) or 0)
+    except SlicefieldError as e:
+        print(f"slicefield: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("slicefield: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("slicefield: error: out of memory; use a coarser --resolution or fewer stacks", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
