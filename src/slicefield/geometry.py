@@ -103,5 +103,5 @@ def bounding_grid(
     """Shape and RAS-aligned affine of the smallest grid of ``spacing_mm`` voxels covering world points ``(N, 3)``."""
     lo = corners_mm.min(axis=0) - margin_mm
     hi = corners_mm.max(axis=0) + margin_mm
-    shape = tuple(int(n) for n in np.floor((hi - lo) / spacing_mm + 1e-6).astype(int) + 1)
+    shape = tuple(int(n) for n in np.ceil((hi - lo) / spacing_mm - 1e-6).astype(int) + 1)
     return shape, grid_affine(lo, spacing_mm)

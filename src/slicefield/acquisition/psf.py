@@ -39,8 +39,8 @@ def profile_weights(
     lo, hi = d - bin_mm / 2.0, d + bin_mm / 2.0
     if kind == "gaussian":
         sigma = width_mm / FWHM_PER_SIGMA
-        w = ndtr(hi / sigma) - ndtr(lo / sigma)
-        w[np.abs(d) > TRUNCATE_SIGMAS * sigma + bin_mm / 2.0] = 0.0
+        cut = TRUNCATE_SIGMAS * sigma  # integrate over [-cut, cut] only: symmetric wherever the centre falls
+        w = ndtr(np.clip(hi, -cut, cut) / sigma) - ndtr(np.clip(lo, -cut, cut) / sigma)
     elif kind == "box":
         w = np.clip(np.minimum(hi, width_mm / 2.0) - np.maximum(lo, -width_mm / 2.0), 0.0, None)
     else:

@@ -2,7 +2,8 @@
 
 Solves  min_x  sum_s ||A_s x - y_s||^2 + lambda * R(x)  on the target voxel grid, where ``A_s`` is the stack's
 :class:`~slicefield.acquisition.operator.StackOperator` and R is either Tikhonov on the image gradient
-(``sum |grad x|^2``) or edge-preserving Huber on the gradient magnitude, solved by iteratively reweighted least
+(``sum |grad x|^2``) or edge-preserving Huber on each forward difference (anisotropic, so invariant to
+flips and permutations of the array axes), solved by iteratively reweighted least
 squares (a few CG solves, each warm-started from the last).
 """
 
@@ -27,7 +28,7 @@ class SRRConfig:
     weight: float = 0.05
     """Regularisation weight lambda, relative to one stack's data term (dimensionless: the operator rows sum to 1)."""
     huber_delta: float = 0.02
-    """Huber threshold on the gradient magnitude, as a fraction of the 99.5th percentile of the slice values (/mm)."""
+    """Huber threshold on each voxel difference, as a fraction of the 99.5th percentile of the slice values (/mm)."""
     iterations: int = 12
     """Conjugate-gradient iterations per solve."""
     reweightings: int = 3
@@ -89,14 +90,14 @@ def srr(
     done = 0
     for _ in range(solves):
         if config.regularization == "huber":
-            mag = np.sqrt(sum(g * g for g in _gradient(x)))
-            w = np.where(mag <= delta, 1.0, delta / np.maximum(mag, 1e-12)).astype(np.float32)
+            # one weight per edge (per axis difference): invariant to flips and permutations of the array axes
+            ws = [np.minimum(1.0, delta / np.maximum(np.abs(g), 1e-12)).astype(np.float32) for g in _gradient(x)]
         else:
-            w = np.float32(1.0)
+            ws = [np.float32(1.0)] * 3
 
-        def normal(v: np.ndarray, w=w) -> np.ndarray:
+        def normal(v: np.ndarray, ws=ws) -> np.ndarray:
             data = sum(op.adjoint(m * op.forward(v)) for op, m in zip(operators, masks, strict=True))
-            return data + lam * _divergence_adjoint([w * g for g in _gradient(v)])
+            return data + lam * _divergence_adjoint([w * g for w, g in zip(ws, _gradient(v), strict=True)])
 
         r = rhs - normal(x)
         p = r.copy()
