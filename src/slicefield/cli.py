@@ -51,6 +51,10 @@ class Reporter:
 
             yield step
 
+    def spinner(self, description: str):
+        """A spinner for a step of unknown length."""
+        return self.console.status(description)
+
     @contextmanager
     def task(self, description: str) -> Iterator[Callable[[int, int], None]]:
         """One progress bar with ETA; yields its ``(done, total)`` callback."""
@@ -80,7 +84,7 @@ def _stacks(args: argparse.Namespace) -> list:
             else:
                 stacks.append(load_dicom_series(path, thickness=args.thickness, psf=args.psf))
         else:
-            stacks.append(load_stack(path, thickness=args.thickness, psf=args.psf))
+            stacks.append(load_stack(path, thickness=args.thickness, psf=args.psf, use_qform=args.use_qform))
     for warning in check_inputs(stacks):
         log.warning(warning)
     return stacks
@@ -94,13 +98,13 @@ def _grid(args: argparse.Namespace, stacks: list):
     from .volume import Volume
 
     if args.like:
-        ref = load_volume(args.like)
+        ref = load_volume(args.like, use_qform=args.use_qform)
         return Volume(np.zeros(ref.shape, np.float32), ref.affine)
-    resolution = args.resolution or min(min(s.spacing) for s in stacks)
+    resolution = args.resolution if args.resolution is not None else min(min(s.spacing) for s in stacks)
     return joint_grid(stacks, resolution=resolution)
 
 
-def _mask(spec: str, reference):
+def _mask(spec: str, reference, *, use_qform: bool = False):
     import numpy as np
 
     from .io import load_volume
@@ -110,9 +114,14 @@ def _mask(spec: str, reference):
         return None
     if spec == "auto":
         return foreground_mask(reference.data)
-    m = load_volume(spec)
+    m = load_volume(spec, use_qform=use_qform)
     if m.shape != reference.shape or not np.allclose(m.affine, reference.affine, atol=1e-3):
-        raise SlicefieldError("mask grid differs from the reference grid", path=spec, fix="resample the mask")
+        what = f"shape {m.shape} vs {reference.shape}" if m.shape != reference.shape else "same shape, other affine"
+        raise SlicefieldError(
+            f"mask grid differs from the reference grid ({what})",
+            path=spec,
+            fix="resample the mask onto the reference grid",
+        )
     return m.data > 0.5
 
 
@@ -130,7 +139,7 @@ def cmd_simulate(args: argparse.Namespace, reporter: Reporter) -> int:
     from .io import load_volume, save_stack
     from .io.atomic import atomic_write
 
-    volume = load_volume(args.volume)
+    volume = load_volume(args.volume, use_qform=args.use_qform)
     motion_deg, motion_mm = args.motion
     config = SimulationConfig(
         orientations=tuple(o.strip() for o in args.orientations.split(",") if o.strip()),
@@ -158,19 +167,98 @@ def cmd_simulate(args: argparse.Namespace, reporter: Reporter) -> int:
 
 
 def cmd_reconstruct(args: argparse.Namespace, reporter: Reporter) -> int:
-    from .baselines.srr import SRRConfig
-    from .io import save_volume
-    from .reconstruct import ReconstructConfig, reconstruct
+    import math
+    import time
+    from dataclasses import replace
 
+    from .baselines.srr import SRRConfig
+    from .io import check_output_path, save_volume
+    from .io.atomic import atomic_write
+    from .reconstruct import FIELD_METHODS, METHODS, ReconstructConfig, fit, reconstruct
+    from .runs import environment, to_jsonable
+
+    # Option and output checks first: a bad one fails in a second, before stacks are read or fitted.
+    known = tuple(dict.fromkeys(METHODS + FIELD_METHODS))
+    if args.method not in known:
+        raise SlicefieldError(f"unknown --method {args.method!r}", fix=f"use one of {', '.join(known)}")
+    if args.resolution is not None and not (math.isfinite(args.resolution) and args.resolution > 0):
+        raise SlicefieldError(
+            f"--resolution must be a positive number of mm, got {args.resolution:g}", fix="pass e.g. --resolution 1"
+        )
+    check_output_path(args.output)
+    if args.resume and args.checkpoint and Path(args.resume) != Path(args.checkpoint):
+        raise SlicefieldError("--resume and --checkpoint name different folders", fix="name one folder")
+    checkpoint = args.resume or args.checkpoint
     stacks = _stacks(args)
     grid = _grid(args, stacks)
+    base = ReconstructConfig()
+    field_cfg = base.inr if args.method == "inr" else base.irem
+    overrides = {"device": args.device, "seed": args.seed, "time_budget_s": args.time_budget}
+    if args.representation:
+        overrides["representation"] = args.representation
+    if args.steps:
+        overrides["steps"] = args.steps
+    field_cfg = replace(field_cfg, **overrides)
     config = ReconstructConfig(
         method=args.method,
         srr=SRRConfig(regularization=args.regularization, weight=args.weight, iterations=args.iterations),
+        inr=field_cfg if args.method == "inr" else base.inr,
+        irem=field_cfg if args.method == "irem" else base.irem,
+        checkpoint_dir=checkpoint,
+        resume=bool(args.resume),
     )
     reporter.info(f"reconstructing {len(stacks)} stacks on a {grid.shape} grid with {args.method}")
+    start = time.perf_counter()
     with reporter.task(args.method) as cb:
-        out = reconstruct(stacks, grid, config=config, progress=cb)
+        if args.method in FIELD_METHODS:
+            result = fit(stacks, grid, config=config, progress=cb)
+            out = result.volume
+        else:
+            out = reconstruct(stacks, grid, config=config, progress=cb)
+    seconds = time.perf_counter() - start
+    save_volume(out, args.output)
+    if args.method in FIELD_METHODS:
+        import torch
+
+        from .fit.engine import model_document
+
+        folder = Path(checkpoint) if checkpoint else Path(args.output).parent
+        stem = "" if checkpoint else Path(args.output).name.split(".")[0] + "_"
+        folder.mkdir(parents=True, exist_ok=True)
+        doc = model_document(result, representation=field_cfg.representation, representation_config=result.model.config)
+        atomic_write(folder / f"{stem}model.pt", lambda p: torch.save(doc, p))
+        run = {
+            "command": sys.argv,
+            "config": to_jsonable(config),
+            "seconds": seconds,
+            "steps": result.steps_done,
+            "stopped_by_time_budget": result.stopped_by_budget,
+            "final_loss": result.history[-1] if result.history else None,
+            "environment": environment(),
+        }
+        atomic_write(folder / f"{stem}run.json", lambda p: p.write_text(json.dumps(run, indent=1)))
+        reporter.info(f"wrote {folder / (stem + 'model.pt')} and {folder / (stem + 'run.json')}")
+    reporter.info(f"wrote {args.output} ({seconds:.1f} s)")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace, reporter: Reporter) -> int:
+    import numpy as np
+
+    from .fit.engine import load_model, sample_model
+    from .geometry import bounding_grid
+    from .io import load_volume, save_volume
+    from .volume import Volume
+
+    model, frame, scale = load_model(args.model)
+    if args.like:
+        ref = load_volume(args.like)
+        grid = Volume(np.zeros(ref.shape, np.float32), ref.affine)
+    else:
+        shape, affine = bounding_grid(frame.world_corners(), args.resolution)
+        grid = Volume(np.zeros(shape, np.float32), affine)
+    with reporter.spinner(f"reading the field on a {grid.shape} grid"):
+        out = sample_model(model, frame, scale, grid, device=args.device)
     save_volume(out, args.output)
     reporter.info(f"wrote {args.output}")
     return 0
@@ -179,17 +267,21 @@ def cmd_reconstruct(args: argparse.Namespace, reporter: Reporter) -> int:
 def cmd_evaluate(args: argparse.Namespace, reporter: Reporter) -> int:
     import numpy as np
 
-    from .io import load_volume
+    from .io import check_output_path, load_volume
     from .io.atomic import atomic_write
     from .itk import resample
     from .metrics import evaluate
 
-    ref = load_volume(args.reference)
-    test = load_volume(args.volume)
+    if args.json:
+        check_output_path(args.json)
+    ref = load_volume(args.reference, use_qform=args.use_qform)
+    test = load_volume(args.volume, use_qform=args.use_qform)
     if test.shape != ref.shape or not np.allclose(test.affine, ref.affine, atol=1e-3):
         log.warning("%s is on another grid than the reference: resampled (cubic B-spline) onto it", args.volume)
         test = test.with_data(resample(test.data, test.affine, shape=ref.shape, target_affine=ref.affine))
-    metrics = evaluate(ref.data, test.data, mask=_mask(args.mask, ref), data_range=args.data_range)
+    metrics = evaluate(
+        ref.data, test.data, mask=_mask(args.mask, ref, use_qform=args.use_qform), data_range=args.data_range
+    )
     metrics = {"volume": str(args.volume), "reference": str(args.reference), "mask": args.mask, **metrics}
     text = json.dumps(metrics, indent=1)
     if args.json:
@@ -203,7 +295,7 @@ def cmd_benchmark(args: argparse.Namespace, reporter: Reporter) -> int:
     from .benchmark import BenchmarkConfig
     from .io import load_volume
 
-    reference = load_volume(args.volume)
+    reference = load_volume(args.volume, use_qform=args.use_qform)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     config = BenchmarkConfig(
         methods=methods,
@@ -229,10 +321,17 @@ def _run_benchmark(reference, config, reporter: Reporter):
 
 
 def cmd_preprocess(args: argparse.Namespace, reporter: Reporter) -> int:
-    from .io import load_stack, save_stack
+    import math
+
+    from .io import check_output_path, load_stack, save_stack
     from .preprocess import histogram_equalize, rescale_slices
 
-    stack = load_stack(args.stack, thickness=args.thickness)
+    if args.rescale is not None and not (math.isfinite(args.rescale) and args.rescale > 0):
+        raise SlicefieldError(f"--rescale must be a positive factor, got {args.rescale:g}", fix="pass e.g. --rescale 2")
+    if args.levels < 2:
+        raise SlicefieldError(f"--levels must be at least 2, got {args.levels}", fix="pass e.g. --levels 256")
+    check_output_path(args.output)
+    stack = load_stack(args.stack, thickness=args.thickness, use_qform=args.use_qform)
     if args.equalize:
         stack = stack.with_data(histogram_equalize(stack.data, levels=args.levels))
     if args.rescale:
@@ -263,11 +362,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
+    def qform_option(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--use-qform", action="store_true", help="use each NIfTI's qform, not its sform (when the two disagree)"
+        )
+
     def stack_inputs(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("stacks", nargs="+", help="stacks: NIfTI files, DICOM series folders or image folders")
         sp.add_argument("--thickness", type=float, help="slice thickness in mm (default: header/sidecar)")
         sp.add_argument("--psf", choices=("gaussian", "box"), default=None, help="slice profile (default gaussian)")
         sp.add_argument("--pixel-spacing", type=float, help="in-plane mm, for folders of PNG/TIFF slices")
+        qform_option(sp)
 
     def acquisition(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--orientations", default="axial,coronal,sagittal", help="e.g. axial,coronal@10,0,0")
@@ -276,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--psf", choices=("gaussian", "box"), default="gaussian")
         sp.add_argument("--noise", type=float, default=0.01, help="noise std as a fraction of the max intensity")
         sp.add_argument("--seed", type=int, default=0)
+        qform_option(sp)
 
     s = sub.add_parser("demo", help="simulate stacks from the MNI152 template and reconstruct with every method")
     s.add_argument("--out-dir", default="slicefield-demo", help="run directory to write")
@@ -294,13 +400,29 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("reconstruct", help="reconstruct a volume from stacks")
     stack_inputs(s)
     s.add_argument("-o", "--output", required=True, help="output NIfTI")
-    s.add_argument("--method", default="srr", help="bspline or srr")
+    s.add_argument("--method", default="srr", help="bspline, srr, inr (neural field) or irem (the IREM paper)")
     s.add_argument("--like", help="reconstruct on this NIfTI's grid")
     s.add_argument("--resolution", type=float, help="isotropic voxel size in mm over the stacks' joint FOV")
     s.add_argument("--regularization", choices=("huber", "tikhonov"), default="huber", help="srr penalty")
     s.add_argument("--weight", type=float, default=0.05, help="srr regularisation weight")
     s.add_argument("--iterations", type=int, default=12, help="srr CG iterations per solve")
+    s.add_argument("--representation", help="inr field: voxel, hashgrid, planes, siren, irem")
+    s.add_argument("--steps", type=int, help="inr/irem optimisation steps")
+    s.add_argument("--time-budget", type=float, help="inr/irem: stop after this many seconds, keep the result")
+    s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    s.add_argument("--seed", type=int, default=0, help="inr/irem seed (same seed, same output on CPU)")
+    s.add_argument("--checkpoint", help="inr/irem: folder for checkpoints, model.pt and run.json")
+    s.add_argument("--resume", help="inr/irem: continue the run whose checkpoint folder this is")
     s.set_defaults(func=cmd_reconstruct)
+
+    s = sub.add_parser("sample", help="read a fitted field (model.pt) on a new grid")
+    s.add_argument("model", help="model.pt written by reconstruct --method inr|irem")
+    s.add_argument("-o", "--output", required=True)
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--resolution", type=float, help="isotropic voxel size (mm) over the fit grid's field of view")
+    g.add_argument("--like", help="read the field on this NIfTI's grid")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_sample)
 
     s = sub.add_parser("evaluate", help="PSNR / SSIM / NRMSE of a volume against a reference")
     s.add_argument("volume")
@@ -308,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mask", default="auto", help="auto (Otsu foreground of the reference), none, or a NIfTI")
     s.add_argument("--data-range", type=float, help="default: reference max - min")
     s.add_argument("--json", help="also write the metrics to this file")
+    qform_option(s)
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("benchmark", help="simulate, reconstruct with every method, one table")
@@ -323,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--equalize", action="store_true", help="histogram equalisation T(r)=floor((L-1)C(r)+1/2)")
     s.add_argument("--levels", type=int, default=256, help="grey levels L for --equalize")
     s.add_argument("--rescale", type=float, help="in-plane bicubic rescale factor")
+    qform_option(s)
     s.set_defaults(func=cmd_preprocess)
     return p
 

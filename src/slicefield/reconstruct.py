@@ -10,10 +10,13 @@ import numpy as np
 from .baselines.bspline import bspline_average
 from .baselines.srr import SRRConfig, srr
 from .errors import SlicefieldError
+from .fit.engine import FitConfig, FitResult
 from .volume import Stack, Volume
 
 #: Methods available to ``reconstruct``, in the order a benchmark lists them.
-METHODS: tuple[str, ...] = ("bspline", "srr")
+METHODS: tuple[str, ...] = ("bspline", "srr", "inr")
+#: Methods that fit a field (the rest are classical); ``irem`` is the IREM paper's network and schedule.
+FIELD_METHODS: tuple[str, ...] = ("inr", "irem")
 
 ProgressFn = Callable[[int, int], None]
 
@@ -26,6 +29,29 @@ class ReconstructConfig:
     """Reconstruction method: one of METHODS."""
     srr: SRRConfig = field(default_factory=SRRConfig)
     """Options of the srr method."""
+    inr: FitConfig = field(default_factory=FitConfig)
+    """Options of the inr method (the default neural-field reconstruction)."""
+    irem: FitConfig = field(default_factory=lambda: IREM_FIT)
+    """Options of the irem method (the IREM paper's network and training schedule)."""
+    checkpoint_dir: str | None = None
+    """Field methods: folder for checkpoints (and resume)."""
+    resume: bool = False
+    """Field methods: continue from the checkpoint in checkpoint_dir."""
+
+
+#: IREM as published: Fourier features + 18-layer MLP, Adam lr 1e-4 halved every 500 epochs, mini-batch 2500,
+#: fitted to mini-batches of acquired pixels (here with PSF samples), no warm start.
+IREM_FIT = FitConfig(
+    representation="irem",
+    mode="slices",
+    steps=2000,
+    lr=1e-4,
+    lr_halve_every=0,
+    batch_pixels=2500,
+    psf_samples=8,
+    warm_start="none",
+    weight=0.0,
+)
 
 
 def reconstruct(
@@ -43,6 +69,26 @@ def reconstruct(
     elif config.method == "srr":
         init = bspline_average(stacks, grid)
         data = srr(stacks, grid, config=config.srr, init=init, progress=progress)
+    elif config.method in FIELD_METHODS:
+        return fit(stacks, grid, config=config, progress=progress).volume
     else:
-        raise SlicefieldError(f"unknown method {config.method!r}", fix=f"use one of {', '.join(METHODS)}")
+        raise SlicefieldError(
+            f"unknown method {config.method!r}", fix=f"use one of {', '.join(METHODS + FIELD_METHODS[1:])}"
+        )
     return Volume(np.asarray(data, np.float32), grid.affine.copy())
+
+
+def fit(
+    stacks: list[Stack], grid: Volume, *, config: ReconstructConfig, progress: ProgressFn | None = None
+) -> FitResult:
+    """Fit the field of a field method (``config.method`` in FIELD_METHODS) and read it on ``grid``."""
+    from .fit.engine import fit_field
+
+    return fit_field(
+        stacks,
+        grid,
+        config=config.inr if config.method == "inr" else config.irem,
+        checkpoint_dir=config.checkpoint_dir,
+        resume=config.resume,
+        progress=progress,
+    )

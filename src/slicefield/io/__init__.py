@@ -3,7 +3,7 @@
 Every coordinate is world mm RAS (see :mod:`slicefield.geometry`); DICOM LPS is converted on reading.
 """
 
-from .atomic import atomic_path, atomic_write
+from .atomic import atomic_path, atomic_write, check_output_path
 from .checks import check_inputs, check_overlap, check_stack
 from .dicom import load_dicom_series
 from .images import load_image_folder
@@ -13,6 +13,7 @@ __all__ = [
     "atomic_path",
     "atomic_write",
     "check_inputs",
+    "check_output_path",
     "check_overlap",
     "check_stack",
     "load_dicom_series",

@@ -37,6 +37,16 @@ def _check_target(path: Path) -> None:
         )
 
 
+def check_output_path(path: str | Path) -> Path:
+    """Raise a one-line SlicefieldError now if ``path`` cannot be written (missing or read-only folder, a folder).
+
+    Call it before long work, so a bad ``-o`` fails in a second instead of after the reconstruction.
+    """
+    target = Path(path)
+    _check_target(target)
+    return target
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it onto ``path`` only if the block succeeds.

@@ -1,0 +1,392 @@
+"""Fit a Representation (a field over world mm) to stacks through the forward model; run control.
+
+Two ways to feed the physics to the field:
+
+``grid`` (default, fast on a CPU): the field is read on the fit grid (the output grid), the exact SRR objective
+(:class:`~slicefield.fit.objective.GridObjective`: every slice through the precomputed sparse operator, plus the
+Huber prior) gives the gradient with respect to those grid values, and that gradient is back-propagated into the
+field's parameters chunk by chunk (``batch_voxels`` voxels at a time): an exact gradient of the SRR objective with
+respect to the field's parameters, at the cost of reading the whole field on the grid every step. A voxel field on
+the fit grid is its own grid values, so that case costs no more than one SRR iteration.
+
+``slices`` (IREM's formulation): mini-batches of acquired pixels; each prediction is the mean of the field at
+``psf_samples`` positions drawn from the pixel's PSF (slice frame -> world mm); mean squared error.
+
+Run control: ``time_budget_s`` (stops gracefully), checkpoints every ``checkpoint_every`` steps into a folder,
+resume from it, seeds for identical CPU output, ``device`` auto|cpu|cuda. Checkpoints and models hold only
+tensors and plain values and load with ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ..acquisition.psf import INPLANE_FWHM_PER_SPACING
+from ..errors import SlicefieldError
+from ..geometry import FWHM_PER_SIGMA, apply_affine
+from ..io.atomic import atomic_path
+from ..representations import build_representation, default_config
+from ..representations.base import GridFrame
+from ..volume import Stack, Volume
+from .objective import GridObjective
+
+log = logging.getLogger(__name__)
+
+#: Points per chunk when reading a field on a grid (bounds memory).
+EVAL_CHUNK = 2**18
+#: Version of the checkpoint and model files.
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """How to fit a field to stacks."""
+
+    representation: str = "voxel"
+    """Field: voxel, hashgrid, planes, siren or irem."""
+    mode: Literal["grid", "slices"] = "grid"
+    """grid: exact objective on the fit grid through the precomputed operator; slices: IREM-style mini-batches."""
+    steps: int = 200
+    """Optimisation steps (the time budget may stop earlier)."""
+    lr: float = 1e-2
+    """Adam learning rate."""
+    lr_halve_every: int = 0
+    """Halve the learning rate every this many steps (0: never)."""
+    batch_voxels: int = 2**16
+    """grid mode: voxels per chunk when back-propagating through a non-voxel field (bounds memory)."""
+    batch_pixels: int = 2500
+    """slices mode: acquired pixels per mini-batch."""
+    psf_samples: int = 8
+    """slices mode: PSF samples per pixel."""
+    weight: float = 0.05
+    """Huber prior weight (as SRR's)."""
+    huber_delta: float = 0.02
+    """Huber threshold, as a fraction of the intensity scale."""
+    warm_start: Literal["srr", "bspline", "none"] = "srr"
+    """Start from a classical reconstruction (distilled into the field before fitting)."""
+    warm_steps: int = 100
+    """Steps of distillation of the warm start into a non-voxel field."""
+    time_budget_s: float | None = None
+    """Stop after this many seconds of fitting and keep the result so far."""
+    checkpoint_every: int = 50
+    """Write a checkpoint every this many steps (when a checkpoint folder is given)."""
+    seed: int = 0
+    """Seed of every random choice (parameter init, batches, PSF samples)."""
+    device: str = "auto"
+    """auto (CUDA when available), cpu or cuda."""
+
+
+@dataclass
+class FitResult:
+    model: torch.nn.Module
+    frame: GridFrame
+    scale: float
+    volume: Volume
+    history: list[dict] = field(default_factory=list)
+    steps_done: int = 0
+    stopped_by_budget: bool = False
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; errors clearly when CUDA is asked for and missing."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SlicefieldError("--device cuda asked for but CUDA is not available", fix="use --device auto or cpu")
+    if name not in ("cpu", "cuda"):
+        raise SlicefieldError(f"unknown device {name!r}", fix="use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def grid_coordinates(grid: Volume, frame: GridFrame) -> torch.Tensor:
+    """Normalised coordinates ``(X*Y*Z, 3)`` float32 of every voxel centre of ``grid`` (C order)."""
+    ijk = np.indices(grid.shape, dtype=np.float32).reshape(3, -1).T
+    return frame.normalise(torch.from_numpy(apply_affine(grid.affine, ijk).astype(np.float32)))
+
+
+@torch.no_grad()
+def evaluate_on(model: torch.nn.Module, u: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The field at normalised coordinates ``u: (N, 3)`` in chunks; ``(N,)`` float32 on CPU."""
+    model.eval()
+    out = torch.cat([model(u[i : i + EVAL_CHUNK].to(device)).float().cpu() for i in range(0, len(u), EVAL_CHUNK)])
+    model.train()
+    return out
+
+
+def _is_voxel_on(model: torch.nn.Module, grid_shape: tuple[int, ...]) -> bool:
+    values = getattr(model, "values", None)
+    return isinstance(values, torch.nn.Parameter) and tuple(values.shape) == tuple(grid_shape)
+
+
+def _warm_start(stacks: list[Stack], grid: Volume, kind: str) -> np.ndarray | None:
+    from ..baselines.bspline import bspline_average
+    from ..baselines.srr import srr
+
+    if kind == "none":
+        return None
+    init = bspline_average(stacks, grid)
+    return srr(stacks, grid, init=init) if kind == "srr" else init
+
+
+def _psf_sigmas(stack: Stack) -> np.ndarray:
+    """Per-axis spread of the PSF in the slice frame (mm): Gaussian sigma, or box half-width."""
+    dx, dy = stack.spacing
+    if stack.psf == "gaussian":
+        return np.array([INPLANE_FWHM_PER_SPACING * dx, INPLANE_FWHM_PER_SPACING * dy, stack.thickness]) / (
+            FWHM_PER_SIGMA
+        )
+    return np.array([dx, dy, stack.thickness]) / 2.0
+
+
+class _SliceSampler:
+    """slices mode: random acquired pixels and PSF sample positions (world mm)."""
+
+    def __init__(self, stacks: list[Stack], scale: float):
+        self.stacks = stacks
+        self.values = [torch.from_numpy((s.data / np.float32(scale)).ravel()) for s in stacks]
+        sizes = np.array([s.data.size for s in stacks], dtype=np.float64)
+        self.p = sizes / sizes.sum()
+
+    def batch(self, rng: np.random.Generator, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = rng.multinomial(n, self.p)
+        pts, vals = [], []
+        for s, c, v in zip(self.stacks, counts, self.values, strict=True):
+            if c == 0:
+                continue
+            idx = rng.integers(0, s.data.size, c)
+            sl, i, j = np.unravel_index(idx, s.data.shape)
+            spread = _psf_sigmas(s)
+            draw = rng.standard_normal((c, k, 3)) if s.psf == "gaussian" else rng.uniform(-1, 1, (c, k, 3))
+            local = np.stack([i * s.spacing[0], j * s.spacing[1], np.zeros(c)], axis=-1)[:, None] + draw * spread
+            m = s.slice_to_world[sl]  # (c, 4, 4)
+            world = np.einsum("cab,ckb->cka", m[:, :3, :3], local) + m[:, None, :3, 3]
+            pts.append(world.reshape(-1, 3))
+            vals.append(v[idx])
+        return torch.from_numpy(np.concatenate(pts).astype(np.float32)), torch.cat(vals)
+
+
+@torch.no_grad()
+def _recalibrate_batchnorm(
+    model: torch.nn.Module, u: torch.Tensor, rng: np.random.Generator, device: torch.device, *, batches: int = 20
+) -> None:
+    """Recompute batch-norm running statistics (cumulative average over random batches of ``u``) before reading.
+
+    IREM's batch norm makes training outputs depend on the batch and its running statistics lag the weights;
+    a fresh pass with the final weights makes evaluation mode (used to read the field) match training.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for _ in range(batches):
+        model(u[torch.from_numpy(rng.integers(0, len(u), EVAL_CHUNK // 4))].to(device))
+    model.eval()
+
+
+def _save_checkpoint(folder: Path, state: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / "checkpoint.pt") as tmp:
+        torch.save(state, tmp)
+
+
+def _config_key(config: FitConfig) -> str:
+    keep = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in ("time_budget_s", "steps")}
+    return json.dumps(keep, sort_keys=True)
+
+
+def fit_field(
+    stacks: list[Stack],
+    grid: Volume,
+    *,
+    config: FitConfig = FitConfig(),
+    representation_config: object | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> FitResult:
+    """Fit a field to ``stacks`` and read it on ``grid`` (shape + voxel -> world mm RAS affine).
+
+    checkpoint_dir: folder for ``checkpoint.pt`` (written every ``checkpoint_every`` steps and at the end);
+    resume: continue from the checkpoint there (same config, else an error).
+    """
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    scale = float(np.percentile(np.concatenate([s.data.ravel() for s in stacks]), 99.5)) or 1.0
+    frame = GridFrame.of_grid(grid.shape, grid.affine)
+    rep_config = representation_config or default_config(config.representation)
+    if config.representation == "voxel":
+        rep_config = replace(rep_config, shape=tuple(grid.shape))
+    model = build_representation(config.representation, rep_config).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
+    ckpt_path = None if checkpoint_dir is None else Path(checkpoint_dir) / "checkpoint.pt"
+    start_step, elapsed_before, history = 0, 0.0, []
+
+    if resume:
+        if ckpt_path is None or not ckpt_path.is_file():
+            raise SlicefieldError(
+                "nothing to resume",
+                path=ckpt_path or "(no checkpoint folder)",
+                fix="run once with --checkpoint DIR first",
+            )
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if state.get("config_key") != _config_key(config):
+            raise SlicefieldError(
+                "checkpoint was made with other options",
+                path=ckpt_path,
+                fix="resume with the same options, or start a new checkpoint folder",
+            )
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        rng.bit_generator.state = json.loads(state["numpy_rng"])
+        start_step, elapsed_before = int(state["step"]), float(state["elapsed_s"])
+        history = json.loads(state["history"])
+        log.info("resumed from %s at step %d", ckpt_path, start_step)
+
+    u_grid = grid_coordinates(grid, frame)
+    voxel_field = _is_voxel_on(model, grid.shape)
+    if not resume and config.warm_start != "none":
+        init = _warm_start(stacks, grid, config.warm_start) / scale
+        if voxel_field:
+            with torch.no_grad():
+                model.values.copy_(torch.from_numpy(init.astype(np.float32)))
+        else:
+            target = torch.from_numpy(init.astype(np.float32).ravel())
+            for _ in range(config.warm_steps):
+                idx = torch.from_numpy(rng.integers(0, len(u_grid), config.batch_voxels))
+                loss = torch.mean((model(u_grid[idx].to(device)) - target[idx].to(device)) ** 2)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+
+    objective = None
+    sampler = None
+    if config.mode == "grid":
+        objective = GridObjective(
+            stacks, grid, scale=scale, weight=config.weight, delta=config.huber_delta, device=device
+        )
+    elif config.mode == "slices":
+        sampler = _SliceSampler(stacks, scale)
+    else:
+        raise SlicefieldError(f"unknown fit mode {config.mode!r}", fix="use grid or slices")
+
+    t0 = time.perf_counter()
+    step = start_step
+    stopped = False
+    n_vox = len(u_grid)
+    for step in range(start_step, config.steps):
+        if config.lr_halve_every:
+            for g in opt.param_groups:
+                g["lr"] = config.lr * 0.5 ** (step // config.lr_halve_every)
+        if config.mode == "grid":
+            opt.zero_grad()
+            if voxel_field:
+                data, prior, g = objective.value_and_grad(model.values.detach())
+                model.values.grad = g.to(model.values.dtype)
+            else:
+                x = evaluate_on(model, u_grid, device).reshape(grid.shape).to(device)
+                data, prior, g = objective.value_and_grad(x)
+                g = g.reshape(-1)
+                for i in range(0, n_vox, config.batch_voxels):  # exact gradient, back-propagated chunk by chunk
+                    f = model(u_grid[i : i + config.batch_voxels].to(device))
+                    (f * g[i : i + config.batch_voxels]).sum().backward()
+            loss = data + prior
+        else:
+            pts, vals = sampler.batch(rng, config.batch_pixels, config.psf_samples)
+            pred = model(frame.normalise(pts).to(device)).reshape(config.batch_pixels, config.psf_samples).mean(1)
+            loss_t = torch.mean((pred - vals.to(device)) ** 2)
+            opt.zero_grad()
+            loss_t.backward()
+            loss = data = float(loss_t.detach())
+            prior = 0.0
+        opt.step()
+        history.append({"step": step + 1, "loss": loss, "data": data, "prior": prior})
+        if progress is not None:
+            progress(step + 1, config.steps)
+        elapsed = elapsed_before + time.perf_counter() - t0
+        last = step + 1 == config.steps
+        if ckpt_path is not None and ((step + 1) % config.checkpoint_every == 0 or last):
+            _save_checkpoint(
+                ckpt_path.parent,
+                {
+                    "format": FORMAT_VERSION,
+                    "step": step + 1,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "numpy_rng": json.dumps(rng.bit_generator.state),
+                    "elapsed_s": elapsed,
+                    "history": json.dumps(history),
+                    "config_key": _config_key(config),
+                },
+            )
+        if config.time_budget_s is not None and elapsed >= config.time_budget_s and not last:
+            stopped = True
+            log.info("time budget of %.0f s reached after %d steps", config.time_budget_s, step + 1)
+            break
+    _recalibrate_batchnorm(model, u_grid, rng, device)
+    values = model.values.detach().cpu() if voxel_field else evaluate_on(model, u_grid, device).reshape(grid.shape)
+    volume = Volume(values.numpy().astype(np.float32) * np.float32(scale), grid.affine.copy())
+    return FitResult(model, frame, scale, volume, history, min(step + 1, config.steps), stopped)
+
+
+def model_document(result: FitResult, *, representation: str, representation_config: object) -> dict:
+    """Everything needed to rebuild and query a fitted field (tensors and plain values only)."""
+    return {
+        "format": FORMAT_VERSION,
+        "representation": representation,
+        "representation_config": json.dumps(asdict(representation_config)),
+        "state_dict": result.model.state_dict(),
+        "world_to_u": list(result.frame.world_to_u),
+        "scale": result.scale,
+    }
+
+
+def load_model(path: str | Path, *, device: str = "cpu") -> tuple[torch.nn.Module, GridFrame, float]:
+    """Load a model file written by ``reconstruct --method inr`` (``weights_only=True``): field, frame, scale."""
+    from ..representations import config_class
+
+    path = Path(path)
+    try:
+        doc = torch.load(path, map_location=device, weights_only=True)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise SlicefieldError(
+            f"cannot read model file ({e})", path=path, fix="pass a model.pt written by slicefield"
+        ) from e
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_VERSION:
+        raise SlicefieldError(
+            "not a slicefield model file (or another format version)",
+            path=path,
+            fix="pass a model.pt written by slicefield reconstruct --method inr",
+        )
+    name = doc["representation"]
+    cfg = config_class(name)(**_tuples(json.loads(doc["representation_config"])))
+    model = build_representation(name, cfg).to(device)
+    model.load_state_dict(doc["state_dict"])
+    return model, GridFrame(tuple(doc["world_to_u"])), float(doc["scale"])
+
+
+def _tuples(d: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def sample_model(
+    model: torch.nn.Module, frame: GridFrame, scale: float, grid: Volume, *, device: str = "cpu"
+) -> Volume:
+    """Read a fitted field on any grid (shape + voxel -> world mm RAS affine)."""
+    dev = resolve_device(device)
+    values = evaluate_on(model.to(dev), grid_coordinates(grid, frame), dev).reshape(grid.shape)
+    return Volume(values.numpy() * np.float32(scale), grid.affine.copy())
