@@ -310,6 +310,12 @@ def cmd_benchmark(args: argparse.Namespace, reporter: Reporter) -> int:
     )
     result = _run_benchmark(reference, config, reporter)
     _print_table(result.rows)
+    if args.json:
+        from .io.atomic import atomic_write
+        from .runs import environment, to_jsonable
+
+        doc = {"command": sys.argv, "config": to_jsonable(config), "rows": result.rows, "environment": environment()}
+        atomic_write(args.json, lambda p: p.write_text(json.dumps(doc, indent=1)))
     return 0
 
 
@@ -345,6 +351,77 @@ def cmd_demo(args: argparse.Namespace, reporter: Reporter) -> int:
     from .demo import run_demo
 
     return run_demo(out_dir=Path(args.out_dir), reporter=reporter, methods=args.methods)
+
+
+def cmd_validate(args: argparse.Namespace, reporter: Reporter) -> int:
+    import math
+    from dataclasses import replace
+
+    from .baselines.srr import SRRConfig
+    from .reconstruct import FIELD_METHODS, METHODS, ReconstructConfig
+    from .report import write_report
+    from .runs import RunDir, to_jsonable
+    from .validate import MIN_STACKS, VALIDATION_CAPTION, ValidateConfig, format_table, leave_one_out, save_validation
+
+    # Option checks first: a bad one fails in a second, before stacks are read or anything is reconstructed.
+    if len(args.stacks) < MIN_STACKS:
+        raise SlicefieldError(
+            f"validate needs at least {MIN_STACKS} stacks, got {len(args.stacks)}: it predicts slices that a "
+            "reconstruction did not see (leave one stack out with 3 or more, one slice group out with 2)",
+            fix="pass two or more stacks of the same subject",
+        )
+    methods = tuple(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
+    known = tuple(dict.fromkeys(METHODS + FIELD_METHODS))
+    unknown = [m for m in methods if m not in known]
+    if not methods or unknown:
+        raise SlicefieldError(
+            f"unknown --methods {','.join(unknown) or args.methods!r}", fix=f"use some of {', '.join(known)}"
+        )
+    if args.slice_groups < 2:
+        raise SlicefieldError(f"--slice-groups must be at least 2, got {args.slice_groups}", fix="pass e.g. 2")
+    if args.resolution is not None and not (math.isfinite(args.resolution) and args.resolution > 0):
+        raise SlicefieldError(
+            f"--resolution must be a positive number of mm, got {args.resolution:g}", fix="pass e.g. --resolution 1"
+        )
+    stacks = _stacks(args)
+    grid = _grid(args, stacks)
+    base = ReconstructConfig()
+    overrides = {"device": args.device, "seed": args.seed, "time_budget_s": args.time_budget}
+    if args.steps:
+        overrides["steps"] = args.steps
+    config = ValidateConfig(
+        mode=args.mode,
+        slice_groups=args.slice_groups,
+        reconstruct=ReconstructConfig(
+            srr=SRRConfig(regularization=args.regularization, weight=args.weight, iterations=args.iterations),
+            inr=replace(base.inr, **overrides),
+            irem=replace(base.irem, **overrides),
+        ),
+    )
+    record = {
+        "methods": methods,
+        "stacks": [s.meta.get("path", s.name) for s in stacks],
+        "grid": {"shape": grid.shape, "affine": grid.affine},
+        "validate": config,
+    }
+    run = RunDir.create(args.run_dir, config=to_jsonable(record), command=sys.argv)
+    with run:
+        reporter.info(f"validating {', '.join(methods)} on {len(stacks)} stacks, {grid.shape} grid")
+        with reporter.steps() as step:
+            result = leave_one_out(stacks, methods=methods, grid=grid, config=config, progress=step)
+        save_validation(result, run)
+        write_report(
+            run.path,
+            title="slicefield validate: held-out slices predicted through the acquisition model",
+            caption=VALIDATION_CAPTION,
+        )
+    print(format_table(result))
+    for method, rep in result.residuals.items():
+        if rep.flagged:
+            listed = ", ".join(f"{n}[{i}]" for n, i in rep.flagged)
+            reporter.info(f"{method}: slices far out of line (robust z > {rep.outlier_z:g}): {listed}")
+    reporter.info(f"wrote {run.path}")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------- parser
@@ -436,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("benchmark", help="simulate, reconstruct with every method, one table")
     s.add_argument("volume", help="high-resolution reference NIfTI")
     s.add_argument("--methods", default="bspline,srr")
+    s.add_argument("--json", help="also write the table, config and machine to this JSON file")
     acquisition(s)
     s.set_defaults(func=cmd_benchmark)
 
@@ -448,6 +526,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rescale", type=float, help="in-plane bicubic rescale factor")
     qform_option(s)
     s.set_defaults(func=cmd_preprocess)
+
+    s = sub.add_parser("validate", help="rank methods by predicting held-out stacks (no ground truth needed)")
+    stack_inputs(s)
+    s.add_argument("--methods", default="bspline,srr", help="comma-separated methods to rank")
+    s.add_argument("--run-dir", required=True, help="run directory to write (metrics, residual maps, report)")
+    s.add_argument("--mode", choices=("auto", "stacks", "slices"), default="auto", help="auto: stacks if 3+ stacks")
+    s.add_argument("--slice-groups", type=int, default=2, help="slices mode: hold out every k-th slice, k folds")
+    s.add_argument("--like", help="reconstruct on this NIfTI's grid")
+    s.add_argument("--resolution", type=float, help="isotropic voxel size in mm over the stacks' joint FOV")
+    s.add_argument("--regularization", choices=("huber", "tikhonov"), default="huber", help="srr penalty")
+    s.add_argument("--weight", type=float, default=0.05, help="srr regularisation weight")
+    s.add_argument("--iterations", type=int, default=12, help="srr CG iterations per solve")
+    s.add_argument("--steps", type=int, help="inr/irem optimisation steps per reconstruction")
+    s.add_argument("--time-budget", type=float, help="inr/irem: seconds per reconstruction")
+    s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    s.add_argument("--seed", type=int, default=0, help="inr/irem seed")
+    s.set_defaults(func=cmd_validate)
     return p
 
 

@@ -303,3 +303,42 @@ def difference_maps(
         width_in=width_in,
         dpi=dpi,
     )
+
+
+def slice_residual_plot(
+    series: Mapping[str, Mapping[str, np.ndarray]],
+    path: str | Path,
+    *,
+    flagged: Mapping[str, Mapping[str, Any]] | None = None,
+    title: str | None = None,
+    ylabel: str = "RMS residual (stack units)",
+    width_in: float = 8.0,
+    dpi: int = 100,
+) -> Path:
+    """One PNG: a panel per entry of ``series`` (e.g. per method), one line per stack of RMS residual against
+    slice index; flagged slices (``flagged[panel][stack]``: slice indices) are circled in red. Returns ``path``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not series:
+        raise ValueError("no residual series to plot")
+    n = len(series)
+    fig = Figure(figsize=(width_in, 0.4 + 2.4 * n), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(n, 1, squeeze=False)[:, 0]
+    for ax, (panel, lines) in zip(axes, series.items(), strict=True):
+        for name, rms in lines.items():
+            rms = np.asarray(rms, dtype=np.float64)
+            (line,) = ax.plot(np.arange(rms.size), rms, marker=".", ms=3, lw=1, label=name)
+            marks = list((flagged or {}).get(panel, {}).get(name, []))
+            if marks:
+                ax.plot(marks, rms[marks], "o", mfc="none", mec="red", ms=9, mew=1.5)
+        ax.set_title(panel, fontsize=9, loc="left")
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right")
+    axes[-1].set_xlabel("slice index", fontsize=8)
+    if title:
+        fig.suptitle(title + ("  (red circles: flagged slices)" if flagged else ""), fontsize=10)
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))

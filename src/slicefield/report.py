@@ -27,8 +27,19 @@ def _table(rows: list[dict]) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
-def write_report(run_dir: str | Path, path: str | Path | None = None, *, title: str = "slicefield run") -> Path:
-    """Write ``report.html`` (or ``path``) for a run directory; reads only files inside the run directory."""
+#: What the metrics table shows, unless a run says otherwise.
+DEFAULT_CAPTION = (
+    "PSNR/SSIM/NRMSE against the known reference; <em>brain</em> = inside the reference's automatic "
+    "foreground mask; data range = reference max - min. Wall seconds and peak resident memory per method."
+)
+
+
+def write_report(
+    run_dir: str | Path, path: str | Path | None = None, *, title: str = "slicefield run", caption: str | None = None
+) -> Path:
+    """Write ``report.html`` (or ``path``) for a run directory; reads only files inside the run directory.
+
+    caption: HTML explaining the metrics table (default DEFAULT_CAPTION, for runs scored against a reference)."""
     run = Path(run_dir)
     metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
@@ -38,10 +49,7 @@ def write_report(run_dir: str | Path, path: str | Path | None = None, *, title: 
         parts.append(f"<p>Command: <code>{html.escape(' '.join(config['command']))}</code></p>")
     if metrics.get("rows"):
         parts.append("<h2>Metrics</h2>" + _table(metrics["rows"]))
-        parts.append(
-            "<p>PSNR/SSIM/NRMSE against the known reference; <em>brain</em> = inside the reference's automatic "
-            "foreground mask; data range = reference max - min. Wall seconds and peak resident memory per method.</p>"
-        )
+        parts.append(f"<p>{DEFAULT_CAPTION if caption is None else caption}</p>")
     for png in sorted((run / "figures").glob("*.png")):
         data = base64.b64encode(png.read_bytes()).decode("ascii")
         parts.append(

@@ -76,7 +76,7 @@ class FitConfig:
     warm_steps: int = 100
     """Steps of distillation of the warm start into a non-voxel field."""
     time_budget_s: float | None = None
-    """Stop after this many seconds of fitting and keep the result so far."""
+    """Stop after this many seconds (warm start and setup included) and keep the result so far."""
     checkpoint_every: int = 50
     """Write a checkpoint every this many steps (when a checkpoint folder is given)."""
     seed: int = 0
@@ -127,14 +127,14 @@ def _is_voxel_on(model: torch.nn.Module, grid_shape: tuple[int, ...]) -> bool:
     return isinstance(values, torch.nn.Parameter) and tuple(values.shape) == tuple(grid_shape)
 
 
-def _warm_start(stacks: list[Stack], grid: Volume, kind: str) -> np.ndarray | None:
+def _warm_start(stacks: list[Stack], grid: Volume, kind: str, operators: list | None) -> np.ndarray | None:
     from ..baselines.bspline import bspline_average
     from ..baselines.srr import srr
 
     if kind == "none":
         return None
     init = bspline_average(stacks, grid)
-    return srr(stacks, grid, init=init) if kind == "srr" else init
+    return srr(stacks, grid, init=init, operators=operators) if kind == "srr" else init
 
 
 def _psf_sigmas(stack: Stack) -> np.ndarray:
@@ -221,6 +221,7 @@ def fit_field(
     checkpoint_dir: folder for ``checkpoint.pt`` (written every ``checkpoint_every`` steps and at the end);
     resume: continue from the checkpoint there (same config, else an error).
     """
+    t0 = time.perf_counter()  # the time budget counts everything: warm start, operators and steps
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -258,8 +259,13 @@ def fit_field(
 
     u_grid = grid_coordinates(grid, frame)
     voxel_field = _is_voxel_on(model, grid.shape)
+    operators = None
+    if config.mode == "grid" or config.warm_start == "srr":
+        from ..acquisition.operator import StackOperator
+
+        operators = [StackOperator(s, grid.shape, grid.affine) for s in stacks]
     if not resume and config.warm_start != "none":
-        init = _warm_start(stacks, grid, config.warm_start) / scale
+        init = _warm_start(stacks, grid, config.warm_start, operators) / scale
         if voxel_field:
             with torch.no_grad():
                 model.values.copy_(torch.from_numpy(init.astype(np.float32)))
@@ -276,14 +282,19 @@ def fit_field(
     sampler = None
     if config.mode == "grid":
         objective = GridObjective(
-            stacks, grid, scale=scale, weight=config.weight, delta=config.huber_delta, device=device
+            stacks,
+            grid,
+            scale=scale,
+            weight=config.weight,
+            delta=config.huber_delta,
+            device=device,
+            operators=operators,
         )
     elif config.mode == "slices":
         sampler = _SliceSampler(stacks, scale)
     else:
         raise SlicefieldError(f"unknown fit mode {config.mode!r}", fix="use grid or slices")
 
-    t0 = time.perf_counter()
     step = start_step
     stopped = False
     n_vox = len(u_grid)
