@@ -135,14 +135,29 @@ def _print_table(rows: list[dict]) -> None:
 def cmd_simulate(args: argparse.Namespace, reporter: Reporter) -> int:
     from dataclasses import asdict
 
-    from .acquisition.simulate import SimulationConfig, apply_simulation, sample_simulation
+    from .acquisition.simulate import (
+        SimulationConfig,
+        SimulationRecord,
+        apply_simulation,
+        sample_simulation,
+        split_orientations,
+    )
     from .io import load_volume, save_stack
     from .io.atomic import atomic_write
 
     volume = load_volume(args.volume, use_qform=args.use_qform)
     motion_deg, motion_mm = args.motion
+    if args.replay:
+        try:
+            record = SimulationRecord.from_json(json.loads(Path(args.replay).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SlicefieldError(
+                f"cannot read a simulation record ({e})",
+                path=args.replay,
+                fix="pass a simulation.json written by slicefield simulate",
+            ) from e
     config = SimulationConfig(
-        orientations=tuple(o.strip() for o in args.orientations.split(",") if o.strip()),
+        orientations=split_orientations(args.orientations),
         thickness=args.thickness,
         gap=args.gap,
         inplane=args.inplane,
@@ -153,7 +168,10 @@ def cmd_simulate(args: argparse.Namespace, reporter: Reporter) -> int:
         motion_mm=motion_mm,
         seed=args.seed,
     )
-    record = sample_simulation(volume, config)
+    if not args.replay:
+        record = sample_simulation(volume, config)
+    else:
+        config = SimulationConfig(**{**record.config, "orientations": tuple(record.config["orientations"])})
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with reporter.task("simulate stacks") as cb:
@@ -291,7 +309,7 @@ def cmd_evaluate(args: argparse.Namespace, reporter: Reporter) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace, reporter: Reporter) -> int:
-    from .acquisition.simulate import SimulationConfig
+    from .acquisition.simulate import SimulationConfig, split_orientations
     from .benchmark import BenchmarkConfig
     from .io import load_volume
 
@@ -300,11 +318,12 @@ def cmd_benchmark(args: argparse.Namespace, reporter: Reporter) -> int:
     config = BenchmarkConfig(
         methods=methods,
         simulation=SimulationConfig(
-            orientations=tuple(args.orientations.split(",")),
+            orientations=split_orientations(args.orientations),
             thickness=args.thickness,
             gap=args.gap,
             psf=args.psf,
             noise=args.noise,
+            noise_kind=args.noise_kind,
             seed=args.seed,
         ),
     )
@@ -457,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--gap", type=float, default=0.0, help="gap between slices in mm")
         sp.add_argument("--psf", choices=("gaussian", "box"), default="gaussian")
         sp.add_argument("--noise", type=float, default=0.01, help="noise std as a fraction of the max intensity")
+        sp.add_argument("--noise-kind", choices=("gaussian", "rician"), default="gaussian")
         sp.add_argument("--seed", type=int, default=0)
         qform_option(sp)
 
@@ -470,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-dir", required=True)
     acquisition(s)
     s.add_argument("--inplane", type=float, help="in-plane spacing in mm (default: the volume's)")
-    s.add_argument("--noise-kind", choices=("gaussian", "rician"), default="gaussian")
+    s.add_argument("--replay", help="re-acquire exactly the stacks a simulation.json records (ignores the options)")
     s.add_argument("--motion", type=_motion, default=(0.0, 0.0), metavar="DEG,MM", help="per-slice motion range")
     s.set_defaults(func=cmd_simulate)
 

@@ -6,6 +6,7 @@ Random parameters are sampled first (:func:`sample_simulation`) and then applied
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -82,6 +83,14 @@ class SimulationRecord:
     def from_json(cls, d: dict) -> SimulationRecord:
         stacks = [StackRecord(**{**s, "shape": tuple(s["shape"])}) for s in d["stacks"]]
         return cls(config=d["config"], stacks=stacks)
+
+
+def split_orientations(text: str) -> tuple[str, ...]:
+    """``"axial@10,5,0,coronal,sagittal@0,0,8"`` -> ``("axial@10,5,0", "coronal", "sagittal@0,0,8")``.
+
+    Commas separate orientations only where a name follows, so tilt angles may contain commas too.
+    """
+    return tuple(p.strip() for p in re.split(r",\s*(?=[A-Za-z])", text) if p.strip())
 
 
 def parse_orientation(spec: str) -> np.ndarray:
