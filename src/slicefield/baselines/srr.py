@@ -25,8 +25,9 @@ class SRRConfig:
 
     regularization: Literal["tikhonov", "huber"] = "huber"
     """Penalty on the image gradient: tikhonov (smooth) or huber (edge-preserving)."""
-    weight: float = 0.05
-    """Regularisation weight lambda, relative to one stack's data term (dimensionless: the operator rows sum to 1)."""
+    weight: float | None = None
+    """Regularisation weight lambda, relative to one stack's data term (dimensionless: the operator rows sum to 1);
+    None: set from the noise level estimated in the stacks (:func:`auto_weight`)."""
     huber_delta: float = 0.02
     """Huber threshold on each voxel difference, as a fraction of the 99.5th percentile of the slice values (/mm)."""
     iterations: int = 12
@@ -35,6 +36,31 @@ class SRRConfig:
     """Huber only: number of reweighted solves."""
     nonnegative: bool = True
     """Clip negative intensities at the end."""
+
+
+#: auto_weight: lambda at the reference relative noise level; calibrated on a Colin27 crop, x4 orthogonal stacks
+#: (best lambda 0.02 / 0.05 / 0.2 at 0.5 / 1 / 3 % noise; benchmarks/RESULTS.md, "Regularisation weight").
+AUTO_WEIGHT_AT_REFERENCE = 0.05
+#: auto_weight: relative noise (estimated sigma / 99.5th percentile of the slice values) of that reference.
+AUTO_WEIGHT_REFERENCE_NOISE = 0.011
+#: auto_weight: lambda grows as (relative noise) ** this.
+AUTO_WEIGHT_EXPONENT = 1.4
+#: auto_weight: bounds on lambda.
+AUTO_WEIGHT_RANGE = (0.005, 1.0)
+
+
+def intensity_scale(stacks: list[Stack]) -> float:
+    """99.5th percentile of all slice values: the intensity unit of the regulariser's thresholds."""
+    return float(np.percentile(np.concatenate([s.data.ravel() for s in stacks]), 99.5)) or 1.0
+
+
+def auto_weight(stacks: list[Stack]) -> float:
+    """Regularisation weight from the noise level: median Immerkaer sigma of the stacks over the intensity scale."""
+    from ..metrics import estimate_noise_sigma
+
+    relative = float(np.median([estimate_noise_sigma(s.data) for s in stacks])) / intensity_scale(stacks)
+    lam = AUTO_WEIGHT_AT_REFERENCE * (relative / AUTO_WEIGHT_REFERENCE_NOISE) ** AUTO_WEIGHT_EXPONENT
+    return float(np.clip(lam, *AUTO_WEIGHT_RANGE))
 
 
 def _gradient(x: np.ndarray) -> list[np.ndarray]:
@@ -81,9 +107,8 @@ def srr(
         operators = [StackOperator(s, grid.shape, grid.affine) for s in stacks]
     masks = [np.ones(s.data.shape, np.float32) if s.mask is None else s.mask.astype(np.float32) for s in stacks]
     rhs = sum(op.adjoint(m * s.data) for op, s, m in zip(operators, stacks, masks, strict=True))
-    scale = float(np.percentile(np.concatenate([s.data.ravel() for s in stacks]), 99.5)) or 1.0
-    delta = config.huber_delta * scale
-    lam = np.float32(config.weight)
+    delta = config.huber_delta * intensity_scale(stacks)
+    lam = np.float32(auto_weight(stacks) if config.weight is None else config.weight)
     solves = config.reweightings if config.regularization == "huber" else 1
     total = solves * config.iterations
     x = np.zeros(grid.shape, np.float32) if init is None else np.array(init, np.float32)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..acquisition.psf import INPLANE_FWHM_PER_SPACING
+from ..baselines.srr import auto_weight, intensity_scale
 from ..errors import SlicefieldError
 from ..geometry import FWHM_PER_SIGMA, apply_affine
 from ..io.atomic import atomic_path
@@ -67,8 +68,8 @@ class FitConfig:
     """slices mode: acquired pixels per mini-batch."""
     psf_samples: int = 8
     """slices mode: PSF samples per pixel."""
-    weight: float = 0.05
-    """Huber prior weight (as SRR's)."""
+    weight: float | None = None
+    """Huber prior weight (as SRR's); None: from the noise level estimated in the stacks."""
     huber_delta: float = 0.02
     """Huber threshold, as a fraction of the intensity scale."""
     warm_start: Literal["srr", "bspline", "none"] = "srr"
@@ -225,7 +226,7 @@ def fit_field(
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    scale = float(np.percentile(np.concatenate([s.data.ravel() for s in stacks]), 99.5)) or 1.0
+    scale = intensity_scale(stacks)
     frame = GridFrame.of_grid(grid.shape, grid.affine)
     rep_config = representation_config or default_config(config.representation)
     if config.representation == "voxel":
@@ -285,7 +286,7 @@ def fit_field(
             stacks,
             grid,
             scale=scale,
-            weight=config.weight,
+            weight=auto_weight(stacks) if config.weight is None else config.weight,
             delta=config.huber_delta,
             device=device,
             operators=operators,
