@@ -482,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="simulate stacks from the MNI152 template and reconstruct with every method")
     s.add_argument("--out-dir", default="slicefield-demo", help="run directory to write")
-    s.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
+    s.add_argument("--methods", default=None, help="comma-separated methods (default: bspline,srr; add inr)")
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("simulate", help="acquire thick-slice stacks from a volume")
