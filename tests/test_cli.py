@@ -427,3 +427,34 @@ def test_oblique_orientations_with_commas_in_their_angles(tmp_path):
     record = json.loads((out / "simulation.json").read_text())
     assert record["config"]["orientations"] == ["axial@10,5,0", "coronal"]
     assert len(list(out.glob("*.nii.gz"))) == 2
+
+
+def test_inr_writes_model_run_json_resumes_and_samples(session: Session, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    out = tmp_path / "inr.nii.gz"
+    base = ["-q", "reconstruct", *map(str, session.stacks), "-o", str(out), "--method", "inr"]
+    base += ["--like", str(session.reference), "--device", "cpu"]
+    assert main([*base, "--steps", "4", "--checkpoint", str(run)]) == 0
+    for name in ("model.pt", "run.json", "checkpoint.pt"):
+        assert (run / name).is_file(), name
+    assert json.loads((run / "run.json").read_text())["steps"] == 4
+    np.testing.assert_array_equal(nib.load(out).affine, nib.load(session.reference).affine)
+    # resume to more steps, then read the field on a coarser grid over the same field of view
+    assert main([*base, "--steps", "6", "--resume", str(run)]) == 0
+    assert json.loads((run / "run.json").read_text())["steps"] == 6
+    fine = tmp_path / "sampled.nii.gz"
+    assert main(["-q", "sample", str(run / "model.pt"), "-o", str(fine), "--resolution", "2", "--device", "cpu"]) == 0
+    img = nib.load(fine)
+    np.testing.assert_allclose(np.abs(np.diag(img.affine)[:3]), 2.0)
+    assert np.isfinite(img.get_fdata()).all() and img.get_fdata().max() > 0
+
+
+@pytest.mark.parametrize("content", [b"junk", b""])
+def test_sample_rejects_a_file_that_is_not_a_model(tmp_path: Path, capsys: pytest.CaptureFixture[str], content) -> None:
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(content)
+    out = tmp_path / "out.nii.gz"
+    code, _, err = _run(["sample", str(bad), "-o", str(out), "--resolution", "2"], capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "model.pt" in err and "Traceback" not in err
+    assert not out.exists()

@@ -196,6 +196,17 @@ def _recalibrate_batchnorm(
     model.eval()
 
 
+def _safe_load(path: Path, device: torch.device | str, *, fix: str) -> dict:
+    """``torch.load(weights_only=True)`` of a user's file; any failure becomes one SlicefieldError line."""
+    try:
+        doc = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - the restricted unpickler raises many types on foreign or corrupt files
+        raise SlicefieldError(f"cannot read ({type(e).__name__}: {str(e)[:80]})", path=path, fix=fix) from e
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_VERSION:
+        raise SlicefieldError("not a slicefield file of this version", path=path, fix=fix)
+    return doc
+
+
 def _save_checkpoint(folder: Path, state: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / "checkpoint.pt") as tmp:
@@ -243,7 +254,7 @@ def fit_field(
                 path=ckpt_path or "(no checkpoint folder)",
                 fix="run once with --checkpoint DIR first",
             )
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        state = _safe_load(ckpt_path, device, fix="start a new checkpoint folder")
         if state.get("config_key") != _config_key(config):
             raise SlicefieldError(
                 "checkpoint was made with other options",
@@ -372,18 +383,7 @@ def load_model(path: str | Path, *, device: str = "cpu") -> tuple[torch.nn.Modul
     from ..representations import config_class
 
     path = Path(path)
-    try:
-        doc = torch.load(path, map_location=device, weights_only=True)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise SlicefieldError(
-            f"cannot read model file ({e})", path=path, fix="pass a model.pt written by slicefield"
-        ) from e
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT_VERSION:
-        raise SlicefieldError(
-            "not a slicefield model file (or another format version)",
-            path=path,
-            fix="pass a model.pt written by slicefield reconstruct --method inr",
-        )
+    doc = _safe_load(path, device, fix="pass a model.pt written by slicefield reconstruct --method inr")
     name = doc["representation"]
     cfg = config_class(name)(**_tuples(json.loads(doc["representation_config"])))
     model = build_representation(name, cfg).to(device)
