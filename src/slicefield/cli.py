@@ -140,13 +140,11 @@ def cmd_simulate(args: argparse.Namespace, reporter: Reporter) -> int:
         SimulationRecord,
         apply_simulation,
         sample_simulation,
-        split_orientations,
     )
     from .io import load_volume, save_stack
     from .io.atomic import atomic_write
 
     volume = load_volume(args.volume, use_qform=args.use_qform)
-    motion_deg, motion_mm = args.motion
     if args.replay:
         try:
             record = SimulationRecord.from_json(json.loads(Path(args.replay).read_text()))
@@ -156,18 +154,7 @@ def cmd_simulate(args: argparse.Namespace, reporter: Reporter) -> int:
                 path=args.replay,
                 fix="pass a simulation.json written by slicefield simulate",
             ) from e
-    config = SimulationConfig(
-        orientations=split_orientations(args.orientations),
-        thickness=args.thickness,
-        gap=args.gap,
-        inplane=args.inplane,
-        psf=args.psf,
-        noise=args.noise,
-        noise_kind=args.noise_kind,
-        motion_deg=motion_deg,
-        motion_mm=motion_mm,
-        seed=args.seed,
-    )
+    config = _simulation_config(args)
     if not args.replay:
         record = sample_simulation(volume, config)
     else:
@@ -308,25 +295,37 @@ def cmd_evaluate(args: argparse.Namespace, reporter: Reporter) -> int:
     return 0
 
 
-def cmd_benchmark(args: argparse.Namespace, reporter: Reporter) -> int:
+def _simulation_config(args: argparse.Namespace):
+    """The SimulationConfig of the acquisition options (simulate, benchmark)."""
     from .acquisition.simulate import SimulationConfig, split_orientations
+
+    motion_deg, motion_mm = getattr(args, "motion", (0.0, 0.0))
+    return SimulationConfig(
+        orientations=split_orientations(args.orientations),
+        thickness=args.thickness,
+        gap=args.gap,
+        inplane=getattr(args, "inplane", None),
+        psf=args.psf,
+        noise=args.noise,
+        noise_kind=args.noise_kind,
+        motion_deg=motion_deg,
+        motion_mm=motion_mm,
+        seed=args.seed,
+    )
+
+
+def cmd_benchmark(args: argparse.Namespace, reporter: Reporter) -> int:
     from .benchmark import BenchmarkConfig
     from .io import load_volume
+    from .reconstruct import FIELD_METHODS, METHODS
 
-    reference = load_volume(args.volume, use_qform=args.use_qform)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    config = BenchmarkConfig(
-        methods=methods,
-        simulation=SimulationConfig(
-            orientations=split_orientations(args.orientations),
-            thickness=args.thickness,
-            gap=args.gap,
-            psf=args.psf,
-            noise=args.noise,
-            noise_kind=args.noise_kind,
-            seed=args.seed,
-        ),
-    )
+    known = METHODS + FIELD_METHODS[1:]
+    unknown = [m for m in methods if m not in known]
+    if unknown or not methods:
+        raise SlicefieldError(f"unknown --methods {','.join(unknown)!r}", fix=f"use some of {', '.join(known)}")
+    reference = load_volume(args.volume, use_qform=args.use_qform)
+    config = BenchmarkConfig(methods=methods, simulation=_simulation_config(args))
     result = _run_benchmark(reference, config, reporter)
     _print_table(result.rows)
     if args.json:
