@@ -30,10 +30,35 @@ class Reporter:
     def info(self, message: str) -> None:
         self.console.print(message)
 
+    def _line_step(self, name: str) -> Callable[[int, int], None]:
+        """Progress as plain lines (for logs and pipes): one line per tenth done, with elapsed time and ETA."""
+        import time
+
+        start = time.perf_counter()
+        shown = [-1]
+
+        def update(done: int, total: int) -> None:
+            tenth = 10 * done // max(total, 1)
+            if tenth == shown[0]:
+                return
+            shown[0] = tenth
+            elapsed = time.perf_counter() - start
+            eta = elapsed / done * (total - done) if done else float("nan")
+            self.console.print(f"{name}: {done}/{total} ({10 * tenth}%) {elapsed:.0f} s, eta {eta:.0f} s")
+
+        return update
+
     @contextmanager
     def steps(self) -> Iterator[Callable[[str], Callable[[int, int], None]]]:
-        """A progress display; yields ``step(name)`` which adds a bar and returns its ``(done, total)`` callback."""
+        """A progress display; yields ``step(name)`` which adds a bar and returns its ``(done, total)`` callback.
+
+        On a terminal: live bars with ETA (rich). Otherwise (a log, a pipe): a line per tenth of each step.
+        """
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+        if not self.console.is_terminal:
+            yield self._line_step
+            return
 
         columns = (
             "[progress.description]{task.description:<12}",
