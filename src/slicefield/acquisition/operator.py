@@ -267,6 +267,11 @@ def acquire(
             k = vals.shape[0]
             return (g.mz[:, z0 : z0 + k] @ vals.reshape(k, -1)).reshape(len(g.slices), len(g.fine_x), len(g.fine_y))
 
-        acc = sum(_threaded(partial, range(0, len(g.fine_z), chunk)))
+        starts = list(range(0, len(g.fine_z), chunk))
+        acc = np.zeros((len(g.slices), len(g.fine_x), len(g.fine_y)), dtype=np.float32)
+        workers = os.cpu_count() or 1
+        for i in range(0, len(starts), workers):  # a few chunks in flight at a time: memory stays bounded
+            for part in _threaded(partial, starts[i : i + workers]):
+                acc += part
         out[g.slices] = g.mx @ (acc @ g.my.T)
     return out
