@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -72,7 +72,7 @@ def run_benchmark(
     grid = Volume(np.zeros(reference.shape, np.float32), reference.affine)
     rows, outputs = [], {}
     for method in config.methods:
-        cfg = ReconstructConfig(**{**config.reconstruct.__dict__, "method": method})
+        cfg = replace(config.reconstruct, method=method)
         cb = progress(method) if progress is not None else None
         with Timer() as timer:
             out = reconstruct(stacks, grid, config=cfg, progress=cb)

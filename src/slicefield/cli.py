@@ -129,6 +129,51 @@ def _grid(args: argparse.Namespace, stacks: list):
     return joint_grid(stacks, resolution=resolution)
 
 
+def _methods(text: str) -> tuple[str, ...]:
+    """``--methods a,b``: the methods in order, each known (checked before any work)."""
+    from .reconstruct import ALL_METHODS
+
+    methods = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if not methods or unknown:
+        raise SlicefieldError(
+            f"unknown --methods {','.join(unknown) or text!r}", fix=f"use some of {', '.join(ALL_METHODS)}"
+        )
+    return methods
+
+
+def _check_resolution(args: argparse.Namespace) -> None:
+    import math
+
+    if args.resolution is not None and not (math.isfinite(args.resolution) and args.resolution > 0):
+        raise SlicefieldError(
+            f"--resolution must be a positive number of mm, got {args.resolution:g}", fix="pass e.g. --resolution 1"
+        )
+
+
+def _reconstruct_config(args: argparse.Namespace, *, method: str = "srr", checkpoint=None, resume: bool = False):
+    """The ReconstructConfig of the shared method options (reconstruct, validate)."""
+    from dataclasses import replace
+
+    from .baselines.srr import SRRConfig
+    from .reconstruct import ReconstructConfig
+
+    base = ReconstructConfig()
+    overrides = {"device": args.device, "seed": args.seed, "time_budget_s": args.time_budget}
+    if getattr(args, "representation", None):
+        overrides["representation"] = args.representation
+    if args.steps:
+        overrides["steps"] = args.steps
+    return ReconstructConfig(
+        method=method,
+        srr=SRRConfig(regularization=args.regularization, weight=args.weight, iterations=args.iterations),
+        inr=replace(base.inr, **overrides) if method != "irem" else base.inr,
+        irem=replace(base.irem, **overrides) if method != "inr" else base.irem,
+        checkpoint_dir=checkpoint,
+        resume=resume,
+    )
+
+
 def _mask(spec: str, reference, *, use_qform: bool = False):
     import numpy as np
 
@@ -197,46 +242,25 @@ def cmd_simulate(args: argparse.Namespace, reporter: Reporter) -> int:
 
 
 def cmd_reconstruct(args: argparse.Namespace, reporter: Reporter) -> int:
-    import math
     import time
-    from dataclasses import replace
 
-    from .baselines.srr import SRRConfig
     from .io import check_output_path, save_volume
     from .io.atomic import atomic_write
-    from .reconstruct import FIELD_METHODS, METHODS, ReconstructConfig, fit, reconstruct
+    from .reconstruct import ALL_METHODS, FIELD_METHODS, fit, reconstruct
     from .runs import environment, to_jsonable
 
     # Option and output checks first: a bad one fails in a second, before stacks are read or fitted.
-    known = tuple(dict.fromkeys(METHODS + FIELD_METHODS))
-    if args.method not in known:
-        raise SlicefieldError(f"unknown --method {args.method!r}", fix=f"use one of {', '.join(known)}")
-    if args.resolution is not None and not (math.isfinite(args.resolution) and args.resolution > 0):
-        raise SlicefieldError(
-            f"--resolution must be a positive number of mm, got {args.resolution:g}", fix="pass e.g. --resolution 1"
-        )
+    if args.method not in ALL_METHODS:
+        raise SlicefieldError(f"unknown --method {args.method!r}", fix=f"use one of {', '.join(ALL_METHODS)}")
+    _check_resolution(args)
     check_output_path(args.output)
     if args.resume and args.checkpoint and Path(args.resume) != Path(args.checkpoint):
         raise SlicefieldError("--resume and --checkpoint name different folders", fix="name one folder")
     checkpoint = args.resume or args.checkpoint
     stacks = _stacks(args)
     grid = _grid(args, stacks)
-    base = ReconstructConfig()
-    field_cfg = base.inr if args.method == "inr" else base.irem
-    overrides = {"device": args.device, "seed": args.seed, "time_budget_s": args.time_budget}
-    if args.representation:
-        overrides["representation"] = args.representation
-    if args.steps:
-        overrides["steps"] = args.steps
-    field_cfg = replace(field_cfg, **overrides)
-    config = ReconstructConfig(
-        method=args.method,
-        srr=SRRConfig(regularization=args.regularization, weight=args.weight, iterations=args.iterations),
-        inr=field_cfg if args.method == "inr" else base.inr,
-        irem=field_cfg if args.method == "irem" else base.irem,
-        checkpoint_dir=checkpoint,
-        resume=bool(args.resume),
-    )
+    config = _reconstruct_config(args, method=args.method, checkpoint=checkpoint, resume=bool(args.resume))
+    field_cfg = config.irem if args.method == "irem" else config.inr
     reporter.info(f"reconstructing {len(stacks)} stacks on a {grid.shape} grid with {args.method}")
     start = time.perf_counter()
     with reporter.task(args.method) as cb:
@@ -342,13 +366,8 @@ def _simulation_config(args: argparse.Namespace):
 def cmd_benchmark(args: argparse.Namespace, reporter: Reporter) -> int:
     from .benchmark import BenchmarkConfig
     from .io import load_volume
-    from .reconstruct import FIELD_METHODS, METHODS
 
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    known = METHODS + FIELD_METHODS[1:]
-    unknown = [m for m in methods if m not in known]
-    if unknown or not methods:
-        raise SlicefieldError(f"unknown --methods {','.join(unknown)!r}", fix=f"use some of {', '.join(known)}")
+    methods = _methods(args.methods)
     reference = load_volume(args.volume, use_qform=args.use_qform)
     config = BenchmarkConfig(methods=methods, simulation=_simulation_config(args))
     result = _run_benchmark(reference, config, reporter)
@@ -397,11 +416,6 @@ def cmd_demo(args: argparse.Namespace, reporter: Reporter) -> int:
 
 
 def cmd_validate(args: argparse.Namespace, reporter: Reporter) -> int:
-    import math
-    from dataclasses import replace
-
-    from .baselines.srr import SRRConfig
-    from .reconstruct import FIELD_METHODS, METHODS, ReconstructConfig
     from .report import write_report
     from .runs import RunDir, to_jsonable
     from .validate import MIN_STACKS, VALIDATION_CAPTION, ValidateConfig, format_table, leave_one_out, save_validation
@@ -413,34 +427,13 @@ def cmd_validate(args: argparse.Namespace, reporter: Reporter) -> int:
             "reconstruction did not see (leave one stack out with 3 or more, one slice group out with 2)",
             fix="pass two or more stacks of the same subject",
         )
-    methods = tuple(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
-    known = tuple(dict.fromkeys(METHODS + FIELD_METHODS))
-    unknown = [m for m in methods if m not in known]
-    if not methods or unknown:
-        raise SlicefieldError(
-            f"unknown --methods {','.join(unknown) or args.methods!r}", fix=f"use some of {', '.join(known)}"
-        )
+    methods = _methods(args.methods)
     if args.slice_groups < 2:
         raise SlicefieldError(f"--slice-groups must be at least 2, got {args.slice_groups}", fix="pass e.g. 2")
-    if args.resolution is not None and not (math.isfinite(args.resolution) and args.resolution > 0):
-        raise SlicefieldError(
-            f"--resolution must be a positive number of mm, got {args.resolution:g}", fix="pass e.g. --resolution 1"
-        )
+    _check_resolution(args)
     stacks = _stacks(args)
     grid = _grid(args, stacks)
-    base = ReconstructConfig()
-    overrides = {"device": args.device, "seed": args.seed, "time_budget_s": args.time_budget}
-    if args.steps:
-        overrides["steps"] = args.steps
-    config = ValidateConfig(
-        mode=args.mode,
-        slice_groups=args.slice_groups,
-        reconstruct=ReconstructConfig(
-            srr=SRRConfig(regularization=args.regularization, weight=args.weight, iterations=args.iterations),
-            inr=replace(base.inr, **overrides),
-            irem=replace(base.irem, **overrides),
-        ),
-    )
+    config = ValidateConfig(mode=args.mode, slice_groups=args.slice_groups, reconstruct=_reconstruct_config(args))
     record = {
         "methods": methods,
         "stacks": [s.meta.get("path", s.name) for s in stacks],
@@ -494,6 +487,18 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--pixel-spacing", type=float, help="in-plane mm, for folders of PNG/TIFF slices")
         qform_option(sp)
 
+    def method_options(sp: argparse.ArgumentParser) -> None:
+        """Target grid and per-method options (reconstruct, validate)."""
+        sp.add_argument("--like", help="reconstruct on this NIfTI's grid")
+        sp.add_argument("--resolution", type=float, help="isotropic voxel size in mm over the stacks' joint FOV")
+        sp.add_argument("--regularization", choices=("huber", "tikhonov"), default="huber", help="srr penalty")
+        sp.add_argument("--weight", type=float, help="srr regularisation weight (default: from the noise level)")
+        sp.add_argument("--iterations", type=int, default=12, help="srr CG iterations per solve")
+        sp.add_argument("--steps", type=int, help="inr/irem optimisation steps per reconstruction")
+        sp.add_argument("--time-budget", type=float, help="inr/irem: seconds per reconstruction, then keep the result")
+        sp.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+        sp.add_argument("--seed", type=int, default=0, help="inr/irem seed (same seed, same output on CPU)")
+
     def acquisition(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--orientations", default="axial,coronal,sagittal", help="e.g. axial,coronal@10,0,0")
         sp.add_argument("--thickness", type=float, default=4.0, help="slice thickness in mm")
@@ -522,18 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     stack_inputs(s)
     s.add_argument("-o", "--output", required=True, help="output NIfTI")
     s.add_argument("--method", default="srr", help="bspline, srr, inr (neural field) or irem (the IREM paper)")
-    s.add_argument("--like", help="reconstruct on this NIfTI's grid")
-    s.add_argument("--resolution", type=float, help="isotropic voxel size in mm over the stacks' joint FOV")
-    s.add_argument("--regularization", choices=("huber", "tikhonov"), default="huber", help="srr penalty")
-    s.add_argument(
-        "--weight", type=float, default=None, help="srr regularisation weight (default: from the noise level)"
-    )
-    s.add_argument("--iterations", type=int, default=12, help="srr CG iterations per solve")
+    method_options(s)
     s.add_argument("--representation", help="inr field: voxel, hashgrid, planes, siren, irem")
-    s.add_argument("--steps", type=int, help="inr/irem optimisation steps")
-    s.add_argument("--time-budget", type=float, help="inr/irem: stop after this many seconds, keep the result")
-    s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
-    s.add_argument("--seed", type=int, default=0, help="inr/irem seed (same seed, same output on CPU)")
     s.add_argument("--checkpoint", help="inr/irem: folder for checkpoints, model.pt and run.json")
     s.add_argument("--resume", help="inr/irem: continue the run whose checkpoint folder this is")
     s.set_defaults(func=cmd_reconstruct)
@@ -579,17 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run-dir", required=True, help="run directory to write (metrics, residual maps, report)")
     s.add_argument("--mode", choices=("auto", "stacks", "slices"), default="auto", help="auto: stacks if 3+ stacks")
     s.add_argument("--slice-groups", type=int, default=2, help="slices mode: hold out every k-th slice, k folds")
-    s.add_argument("--like", help="reconstruct on this NIfTI's grid")
-    s.add_argument("--resolution", type=float, help="isotropic voxel size in mm over the stacks' joint FOV")
-    s.add_argument("--regularization", choices=("huber", "tikhonov"), default="huber", help="srr penalty")
-    s.add_argument(
-        "--weight", type=float, default=None, help="srr regularisation weight (default: from the noise level)"
-    )
-    s.add_argument("--iterations", type=int, default=12, help="srr CG iterations per solve")
-    s.add_argument("--steps", type=int, help="inr/irem optimisation steps per reconstruction")
-    s.add_argument("--time-budget", type=float, help="inr/irem: seconds per reconstruction")
-    s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
-    s.add_argument("--seed", type=int, default=0, help="inr/irem seed")
+    method_options(s)
     s.set_defaults(func=cmd_validate)
     return p
 

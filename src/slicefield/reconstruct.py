@@ -17,6 +17,8 @@ from .volume import Stack, Volume
 METHODS: tuple[str, ...] = ("bspline", "srr", "inr")
 #: Methods that fit a field (the rest are classical); ``irem`` is the IREM paper's network and schedule.
 FIELD_METHODS: tuple[str, ...] = ("inr", "irem")
+#: Every method ``reconstruct`` accepts.
+ALL_METHODS: tuple[str, ...] = tuple(dict.fromkeys(METHODS + FIELD_METHODS))
 
 ProgressFn = Callable[[int, int], None]
 
@@ -72,9 +74,7 @@ def reconstruct(
     elif config.method in FIELD_METHODS:
         return fit(stacks, grid, config=config, progress=progress).volume
     else:
-        raise SlicefieldError(
-            f"unknown method {config.method!r}", fix=f"use one of {', '.join(METHODS + FIELD_METHODS[1:])}"
-        )
+        raise SlicefieldError(f"unknown method {config.method!r}", fix=f"use one of {', '.join(ALL_METHODS)}")
     return Volume(np.asarray(data, np.float32), grid.affine.copy())
 
 

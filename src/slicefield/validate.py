@@ -33,7 +33,7 @@ from .acquisition.operator import StackOperator
 from .baselines.grid import joint_grid
 from .errors import SlicefieldError
 from .metrics import foreground_mask, nrmse, psnr, ssim_map, ssim_window_size
-from .reconstruct import FIELD_METHODS, METHODS, ReconstructConfig, reconstruct
+from .reconstruct import ALL_METHODS, ReconstructConfig, reconstruct
 from .runs import Timer
 from .volume import Stack, Volume
 
@@ -412,12 +412,11 @@ def leave_one_out(
     Raises SlicefieldError for fewer than 2 stacks, an unknown method, or a bad ``config``.
     """
     methods = list(dict.fromkeys(methods))
-    known = tuple(dict.fromkeys(METHODS + FIELD_METHODS))
     if not methods:
-        raise SlicefieldError("no methods to validate", fix=f"pass some of {', '.join(known)}")
+        raise SlicefieldError("no methods to validate", fix=f"pass some of {', '.join(ALL_METHODS)}")
     for m in methods:
-        if m not in known:
-            raise SlicefieldError(f"unknown method {m!r}", fix=f"use some of {', '.join(known)}")
+        if m not in ALL_METHODS:
+            raise SlicefieldError(f"unknown method {m!r}", fix=f"use some of {', '.join(ALL_METHODS)}")
     scheme = resolve_mode(len(stacks), config.mode)
     folds = make_folds(stacks, mode=scheme, slice_groups=config.slice_groups)
     grid = default_grid(stacks) if grid is None else grid
