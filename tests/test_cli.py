@@ -23,7 +23,7 @@ import pytest
 from scipy import ndimage
 
 from slicefield.cli import main
-from slicefield.io import load_stack, load_volume, save_volume
+from slicefield.io import load_stack, load_volume
 
 #: Phantom grid (voxels, 1 mm isotropic); deliberately not a cube so axis mix-ups change shapes.
 SHAPE = (24, 28, 20)
@@ -376,54 +376,22 @@ def test_help_does_not_import_heavy_libraries(tmp_path: Path) -> None:
     assert proc.returncode == 0 and "reconstruct" in proc.stdout
 
 
-def test_simulate_replay_reproduces_the_stacks(tmp_path):
-    from conftest import brain_phantom
-
-    ref = tmp_path / "ref.nii.gz"
-    save_volume(brain_phantom(24), ref)
-    assert (
-        main(
-            [
-                "-q",
-                "simulate",
-                str(ref),
-                "--out-dir",
-                str(tmp_path / "a"),
-                "--thickness",
-                "3",
-                "--seed",
-                "5",
-                "--motion",
-                "3,2",
-            ]
-        )
-        == 0
-    )
-    assert (
-        main(
-            [
-                "-q",
-                "simulate",
-                str(ref),
-                "--out-dir",
-                str(tmp_path / "b"),
-                "--replay",
-                str(tmp_path / "a" / "simulation.json"),
-            ]
-        )
-        == 0
-    )
-    for f in sorted((tmp_path / "a").glob("*.nii.gz")):
+def test_simulate_replay_reproduces_the_stacks(session: Session, tmp_path: Path) -> None:
+    ref = str(session.reference)
+    first = ["-q", "simulate", ref, "--out-dir", str(tmp_path / "a"), "--thickness", "3", "--seed", "5"]
+    assert main([*first, "--motion", "3,2"]) == 0
+    record = str(tmp_path / "a" / "simulation.json")
+    assert main(["-q", "simulate", ref, "--out-dir", str(tmp_path / "b"), "--replay", record]) == 0
+    files = sorted((tmp_path / "a").glob("*.nii.gz"))
+    assert len(files) == 3
+    for f in files:
         np.testing.assert_array_equal(nib.load(f).get_fdata(), nib.load(tmp_path / "b" / f.name).get_fdata())
 
 
-def test_oblique_orientations_with_commas_in_their_angles(tmp_path):
-    from conftest import brain_phantom
-
-    ref = tmp_path / "ref.nii.gz"
-    save_volume(brain_phantom(24), ref)
+def test_oblique_orientations_with_commas_in_their_angles(session: Session, tmp_path: Path) -> None:
     out = tmp_path / "st"
-    assert main(["-q", "simulate", str(ref), "--out-dir", str(out), "--orientations", "axial@10,5,0,coronal"]) == 0
+    argv = ["-q", "simulate", str(session.reference), "--out-dir", str(out), "--orientations", "axial@10,5,0,coronal"]
+    assert main(argv) == 0
     record = json.loads((out / "simulation.json").read_text())
     assert record["config"]["orientations"] == ["axial@10,5,0", "coronal"]
     assert len(list(out.glob("*.nii.gz"))) == 2
