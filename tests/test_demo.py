@@ -28,6 +28,7 @@ def test_demo_writes_run_directory_table_and_report(tmp_path, monkeypatch, capsy
     by_method = {r["method"]: r for r in metrics["rows"]}
     assert by_method["srr"]["psnr_masked"] > by_method["bspline"]["psnr_masked"]
     assert (out / "recon_srr.nii.gz").is_file() and len(list((out / "stacks").glob("*.nii.gz"))) == 3
+    assert f"report: {(out / 'report.html').resolve()}" in printed  # the demo ends by naming its report
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 2  # figures embedded, no external files
     assert demo.DEMO_METHODS == ("bspline", "srr")

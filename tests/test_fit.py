@@ -48,17 +48,32 @@ def test_torch_operator_matches_scipy_operator(phantom, acquired):
     np.testing.assert_allclose(top.adjoint(torch.from_numpy(y)).numpy(), op.adjoint(y), rtol=1e-4, atol=1e-4)
 
 
-def test_objective_gradient_matches_finite_differences(phantom, acquired):
-    obj = GridObjective(acquired, phantom, scale=1.0, weight=0.05, delta=0.02, device=torch.device("cpu"))
+@pytest.mark.parametrize("prior", ["huber", "tgv"])
+def test_objective_gradient_matches_finite_differences(phantom, acquired, prior):
+    obj = GridObjective(
+        acquired, phantom, scale=1.0, weight=0.05, delta=0.02, device=torch.device("cpu"), prior=prior, tgv_ratio=0.7
+    )
     rng = np.random.default_rng(0)
     x = torch.from_numpy(phantom.data + rng.normal(0, 0.05, phantom.shape).astype(np.float32))
+    w = obj.initial_w(x)
+    if w is not None:  # move w off the image gradient so both tgv terms are active
+        w = w + torch.from_numpy(rng.normal(0, 0.05, w.shape).astype(np.float32))
     v = torch.from_numpy(rng.normal(0, 1, phantom.shape).astype(np.float32))
-    d0, p0, g = obj.value_and_grad(x)
+    vw = None if w is None else torch.from_numpy(rng.normal(0, 1, w.shape).astype(np.float32))
+    ev = obj.value_and_grad(x, w)
+    assert (ev.grad_w is None) == (prior == "huber")
     eps = 1e-3
-    dp, pp, _ = obj.value_and_grad(x + eps * v)
-    dm, pm, _ = obj.value_and_grad(x - eps * v)
-    numeric = ((dp + pp) - (dm + pm)) / (2 * eps)
-    assert numeric == pytest.approx(float((g.double() * v.double()).sum()), rel=2e-2)
+    for dx, dw, grad in [(v, None, ev.grad)] + ([(None, vw, ev.grad_w)] if w is not None else []):
+
+        def total(sign, dx=dx, dw=dw):
+            xs = x if dx is None else x + sign * eps * dx
+            ws = w if dw is None else w + sign * eps * dw
+            e = obj.value_and_grad(xs, ws)
+            return e.data + e.prior
+
+        numeric = (total(1) - total(-1)) / (2 * eps)
+        direction = dx if dx is not None else dw
+        assert numeric == pytest.approx(float((grad.double() * direction.double()).sum()), rel=2e-2)
 
 
 def test_voxel_field_loss_falls_and_beats_one_stack(phantom, acquired):
@@ -127,6 +142,21 @@ def test_resume_continues_to_the_same_result(phantom, acquired, tmp_path):
     )
     assert resumed.steps_done == 12
     np.testing.assert_allclose(resumed.volume.data, whole, rtol=0, atol=1e-5)
+
+
+def test_tgv_fit_beats_one_stack_and_resumes_with_its_auxiliary_field(phantom, acquired, tmp_path):
+    cfg = replace(FAST, prior="tgv", steps=30, checkpoint_every=10)
+    whole = fit_field(acquired, phantom, config=cfg)
+    assert whole.history[-1]["loss"] < 0.8 * whole.history[0]["loss"]
+    one = acquired[0].to_volume()
+    trilinear = resample(
+        one.data, one.affine, shape=phantom.shape, target_affine=phantom.affine, interpolation="linear"
+    )
+    assert _psnr(phantom, whole.volume.data) > _psnr(phantom, trilinear) + 1.0
+    fit_field(acquired, phantom, config=replace(cfg, steps=20), checkpoint_dir=tmp_path)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["aux"].shape == (3, *phantom.shape)
+    resumed = fit_field(acquired, phantom, config=cfg, checkpoint_dir=tmp_path, resume=True)
+    np.testing.assert_allclose(resumed.volume.data, whole.volume.data, rtol=0, atol=1e-5)
 
 
 def test_time_budget_stops_early_with_a_result(phantom, acquired):

@@ -10,7 +10,7 @@ import numpy as np
 
 from .acquisition.simulate import SimulationConfig, SimulationRecord, apply_simulation, sample_simulation
 from .metrics import evaluate, foreground_mask
-from .reconstruct import METHODS, ReconstructConfig, reconstruct
+from .reconstruct import FIELD_METHODS, METHODS, ReconstructConfig, fit, reconstruct
 from .runs import Timer
 from .volume import Stack, Volume
 
@@ -49,6 +49,8 @@ class BenchmarkResult:
     outputs: dict[str, Volume]
     mask: np.ndarray
     simulate_seconds: float
+    histories: dict[str, list[dict]] = field(default_factory=dict)
+    """Field methods: the fit's loss per step (``FitResult.history``)."""
 
 
 def run_benchmark(
@@ -70,18 +72,22 @@ def run_benchmark(
         stacks = apply_simulation(reference, record, progress=None if cb is None else lambda k: cb(k + 1, n))
     mask = reference.mask if reference.mask is not None else foreground_mask(reference.data)
     grid = Volume(np.zeros(reference.shape, np.float32), reference.affine)
-    rows, outputs = [], {}
+    rows, outputs, histories = [], {}, {}
     for method in config.methods:
         cfg = replace(config.reconstruct, method=method)
         cb = progress(method) if progress is not None else None
         with Timer() as timer:
-            out = reconstruct(stacks, grid, config=cfg, progress=cb)
+            if method in FIELD_METHODS:
+                fitted = fit(stacks, grid, config=cfg, progress=cb)
+                out, histories[method] = fitted.volume, list(fitted.history)
+            else:
+                out = reconstruct(stacks, grid, config=cfg, progress=cb)
         metrics = evaluate(reference.data, out.data, mask=mask)
         row = {"method": method, **metrics, "seconds": timer.seconds, "peak_rss_mb": timer.peak_rss_mb}
         log.debug("%s: %s", method, row)
         rows.append(row)
         outputs[method] = out
-    return BenchmarkResult(rows, stacks, record, outputs, mask, sim_timer.seconds)
+    return BenchmarkResult(rows, stacks, record, outputs, mask, sim_timer.seconds, histories)
 
 
 def format_table(rows: list[dict]) -> str:

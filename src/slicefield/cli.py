@@ -151,6 +151,18 @@ def _check_resolution(args: argparse.Namespace) -> None:
         )
 
 
+def _field_overrides(args: argparse.Namespace) -> dict:
+    """FitConfig fields set by the field options (--device, --time-budget, --steps, --seed, --representation)."""
+    overrides = {"device": args.device, "time_budget_s": args.time_budget}
+    if getattr(args, "seed", None) is not None:
+        overrides["seed"] = args.seed
+    if getattr(args, "representation", None):
+        overrides["representation"] = args.representation
+    if args.steps:
+        overrides["steps"] = args.steps
+    return overrides
+
+
 def _reconstruct_config(args: argparse.Namespace, *, method: str = "srr", checkpoint=None, resume: bool = False):
     """The ReconstructConfig of the shared method options (reconstruct, validate)."""
     from dataclasses import replace
@@ -159,11 +171,7 @@ def _reconstruct_config(args: argparse.Namespace, *, method: str = "srr", checkp
     from .reconstruct import ReconstructConfig
 
     base = ReconstructConfig()
-    overrides = {"device": args.device, "seed": args.seed, "time_budget_s": args.time_budget}
-    if getattr(args, "representation", None):
-        overrides["representation"] = args.representation
-    if args.steps:
-        overrides["steps"] = args.steps
+    overrides = _field_overrides(args)
     return ReconstructConfig(
         method=method,
         srr=SRRConfig(regularization=args.regularization, weight=args.weight, iterations=args.iterations),
@@ -242,42 +250,52 @@ def cmd_simulate(args: argparse.Namespace, reporter: Reporter) -> int:
 
 
 def cmd_reconstruct(args: argparse.Namespace, reporter: Reporter) -> int:
-    import time
+    from contextlib import nullcontext
 
     from .io import check_output_path, save_volume
     from .io.atomic import atomic_write
     from .reconstruct import ALL_METHODS, FIELD_METHODS, fit, reconstruct
-    from .runs import environment, to_jsonable
+    from .runs import Timer, environment, to_jsonable
 
     # Option and output checks first: a bad one fails in a second, before stacks are read or fitted.
     if args.method not in ALL_METHODS:
         raise SlicefieldError(f"unknown --method {args.method!r}", fix=f"use one of {', '.join(ALL_METHODS)}")
     _check_resolution(args)
-    check_output_path(args.output)
+    if not args.output and not args.run_dir:
+        raise SlicefieldError("no output named", fix="pass -o OUT.nii.gz, --run-dir DIR, or both")
+    if args.output:
+        check_output_path(args.output)
     if args.resume and args.checkpoint and Path(args.resume) != Path(args.checkpoint):
         raise SlicefieldError("--resume and --checkpoint name different folders", fix="name one folder")
     checkpoint = args.resume or args.checkpoint
+    motion = _motion_config(args)  # None unless --motion, --reject-outliers or --bias-field asks for it
     stacks = _stacks(args)
     grid = _grid(args, stacks)
     config = _reconstruct_config(args, method=args.method, checkpoint=checkpoint, resume=bool(args.resume))
     field_cfg = config.irem if args.method == "irem" else config.inr
+    run_dir = _open_run_dir(args, kind="reconstruct", stacks=stacks, grid=grid, config=config) if args.run_dir else None
     reporter.info(f"reconstructing {len(stacks)} stacks on a {grid.shape} grid with {args.method}")
-    start = time.perf_counter()
-    with reporter.task(args.method) as cb:
-        if args.method in FIELD_METHODS:
+    with run_dir if run_dir is not None else nullcontext(), Timer() as timer, reporter.task(args.method) as cb:
+        if motion is not None:
+            motion_result = _reconstruct_with_motion(stacks, grid, args, config, motion, reporter, cb)
+            out, stacks = motion_result.volume, motion_result.stacks  # residuals below use the corrected poses
+        elif args.method in FIELD_METHODS:
             result = fit(stacks, grid, config=config, progress=cb)
             out = result.volume
         else:
             out = reconstruct(stacks, grid, config=config, progress=cb)
-    seconds = time.perf_counter() - start
-    save_volume(out, args.output)
+    seconds = timer.seconds
+    if args.output:
+        save_volume(out, args.output)
+    if motion is not None:
+        _write_motion_outputs(motion_result, args, run_dir, reporter)
     if args.method in FIELD_METHODS:
         import torch
 
         from .fit.engine import model_document
 
-        folder = Path(checkpoint) if checkpoint else Path(args.output).parent
-        stem = "" if checkpoint else Path(args.output).name.split(".")[0] + "_"
+        folder = Path(checkpoint or (Path(args.output).parent if args.output else args.run_dir))
+        stem = "" if checkpoint or not args.output else Path(args.output).name.split(".")[0] + "_"
         folder.mkdir(parents=True, exist_ok=True)
         doc = model_document(result, representation=field_cfg.representation, representation_config=result.model.config)
         atomic_write(folder / f"{stem}model.pt", lambda p: torch.save(doc, p))
@@ -292,8 +310,142 @@ def cmd_reconstruct(args: argparse.Namespace, reporter: Reporter) -> int:
         }
         atomic_write(folder / f"{stem}run.json", lambda p: p.write_text(json.dumps(run, indent=1)))
         reporter.info(f"wrote {folder / (stem + 'model.pt')} and {folder / (stem + 'run.json')}")
-    reporter.info(f"wrote {args.output} ({seconds:.1f} s)")
+    if args.output:
+        reporter.info(f"wrote {args.output} ({seconds:.1f} s)")
+    if run_dir is not None:
+        from .report import save_reconstruction
+
+        with run_dir:
+            history = result.history if args.method in FIELD_METHODS else None
+            save_reconstruction(
+                run_dir,
+                method=args.method,
+                volume=out,
+                stacks=stacks,
+                seconds=seconds,
+                peak_rss_mb=timer.peak_rss_mb,
+                history=history,
+            )
+            _finish_run_dir(run_dir, reporter)
     return 0
+
+
+def _motion_config(args: argparse.Namespace):
+    """The MotionConfig of ``--motion``, ``--reject-outliers``, ``--bias-field`` (None when none is asked for)."""
+    if args.motion == "none" and not args.reject_outliers and not args.bias_field:
+        return None
+    from .motion.register import RegistrationConfig
+    from .motion.svr import MotionConfig
+
+    if args.method not in ("srr", "bspline"):
+        raise SlicefieldError(
+            f"--motion, --reject-outliers and --bias-field work with --method srr or bspline, not {args.method}",
+            fix="pass --method srr (motion correction of neural fields is not implemented yet)",
+        )
+    if args.method == "bspline" and (args.motion == "slice" or args.reject_outliers):
+        raise SlicefieldError(
+            "bspline ignores per-slice poses and weights",
+            fix="use --method srr with --motion slice or --reject-outliers",
+        )
+    if args.packages < 0:
+        raise SlicefieldError(f"--packages must be 0 or more, got {args.packages}", fix="pass e.g. --packages 2")
+    return MotionConfig(
+        mode=args.motion,
+        packages=args.packages,
+        reject_outliers=args.reject_outliers,
+        bias_field=args.bias_field,
+        registration=RegistrationConfig(reference=args.reference_stack),
+    )
+
+
+def _reconstruct_with_motion(stacks, grid, args, config, motion, reporter: Reporter, cb):
+    from .motion.svr import reconstruct_with_motion
+
+    def step(name: str):
+        reporter.info(name)
+        return cb
+
+    return reconstruct_with_motion(
+        stacks, grid, config=motion, srr_config=config.srr, method=args.method, progress=step
+    )
+
+
+def _write_motion_outputs(result, args: argparse.Namespace, run_dir, reporter: Reporter) -> None:
+    """``<output stem>_motion.json`` / ``_motion.png`` next to the output, and ``motion.json`` /
+    ``figures/motion.png`` in the run directory."""
+    from .io.nifti import image_stem
+    from .motion.report import motion_json, motion_plot
+
+    places = []
+    if args.output:
+        base = Path(args.output).parent / image_stem(args.output)
+        places.append((Path(f"{base}_motion.json"), Path(f"{base}_motion.png")))
+    if run_dir is not None:
+        places.append((run_dir.path / "motion.json", run_dir.figures / "motion.png"))
+    for json_path, png_path in places:
+        motion_json(result, json_path)
+        motion_plot(result, png_path)
+        reporter.info(f"wrote {json_path} and {png_path}")
+    if result.flagged:
+        listed = ", ".join(f"{n}[{i}]" for n, i in result.flagged)
+        what = "excluded" if result.config.reject_outliers else "flagged (pass --reject-outliers to exclude them)"
+        reporter.info(f"slices {what}: {listed}")
+
+
+def cmd_register(args: argparse.Namespace, reporter: Reporter) -> int:
+    from .io import save_stack
+    from .io.atomic import atomic_write
+    from .io.nifti import image_stem
+    from .motion.register import RegistrationConfig, register_stacks
+    from .runs import to_jsonable
+
+    out = Path(args.out_dir)
+    stacks = _stacks(args)
+    if len(stacks) < 2:
+        raise SlicefieldError("register needs at least 2 stacks", fix="pass the stacks of one subject together")
+    config = RegistrationConfig(metric=args.metric, reference=args.reference_stack)
+    with reporter.task("register") as cb:
+        aligned, transforms = register_stacks(stacks, config=config, progress=cb)
+    out.mkdir(parents=True, exist_ok=True)
+    names = []
+    for stack in aligned:
+        name = image_stem(stack.meta["path"]) if stack.meta.get("path") else stack.name
+        save_stack(stack, out / f"{name}.nii.gz")
+        names.append(f"{name}.nii.gz")
+    doc = {
+        "command": sys.argv,
+        "config": to_jsonable(config),
+        "stacks": [{"file": f, **t.to_json()} for f, t in zip(names, transforms, strict=True)],
+    }
+    atomic_write(out / "transforms.json", lambda p: p.write_text(json.dumps(to_jsonable(doc), indent=1)))
+    for t in transforms:
+        d = t.to_json()
+        reporter.info(f"{t.name}: rotated {d['rotation_deg']:.2f} deg, centre moved {d['displacement_mm']:.2f} mm")
+    reporter.info(f"wrote {len(aligned)} aligned stacks and transforms.json to {out}")
+    return 0
+
+
+def _open_run_dir(args: argparse.Namespace, *, kind: str, stacks: list, grid, config):
+    """The run directory of ``--run-dir``, its config.json recording the inputs, the grid and the options."""
+    from .runs import RunDir, to_jsonable
+
+    record = {
+        "kind": kind,
+        "stacks": [s.meta.get("path", s.name) for s in stacks],
+        "grid": {"shape": grid.shape, "affine": grid.affine},
+        "reconstruct": config,
+    }
+    return RunDir.create(args.run_dir, config=to_jsonable(record), command=sys.argv)
+
+
+def _finish_run_dir(run, reporter: Reporter, *, title: str | None = None) -> None:
+    """Draw the run directory's figures and write its report; say where it is."""
+    from .report import make_figures, write_report
+
+    with run.timed("figures"):
+        make_figures(run.path)
+    report = write_report(run.path, title=title)
+    reporter.info(f"wrote run directory {run.path}; report: {report.resolve()}")
 
 
 def cmd_sample(args: argparse.Namespace, reporter: Reporter) -> int:
@@ -360,17 +512,39 @@ def _simulation_config(args: argparse.Namespace):
         motion_deg=motion_deg,
         motion_mm=motion_mm,
         seed=args.seed,
+        corrupt_fraction=_fraction(getattr(args, "corrupt_slices", 0.0), "--corrupt-slices"),
     )
 
 
 def cmd_benchmark(args: argparse.Namespace, reporter: Reporter) -> int:
+    from contextlib import nullcontext
+
     from .benchmark import BenchmarkConfig
     from .io import load_volume
 
     methods = _methods(args.methods)
     reference = load_volume(args.volume, use_qform=args.use_qform)
-    config = BenchmarkConfig(methods=methods, simulation=_simulation_config(args))
-    result = _run_benchmark(reference, config, reporter)
+    from dataclasses import replace
+
+    from .reconstruct import ReconstructConfig
+
+    base, fields_ = ReconstructConfig(), _field_overrides(args)
+    fields_.pop("seed", None)  # --seed is the simulation's here; fits keep their own default seed
+    per_method = ReconstructConfig(inr=replace(base.inr, **fields_), irem=replace(base.irem, **fields_))
+    config = BenchmarkConfig(methods=methods, simulation=_simulation_config(args), reconstruct=per_method)
+    run = None
+    if args.run_dir:
+        from .runs import RunDir
+
+        record = {"kind": "benchmark", "reference": str(Path(args.volume).resolve()), "benchmark": config}
+        run = RunDir.create(args.run_dir, config=record, command=sys.argv)
+    with run if run is not None else nullcontext():
+        result = _run_benchmark(reference, config, reporter)
+        if run is not None:
+            from .report import save_benchmark
+
+            save_benchmark(run, result, reference=reference)
+            _finish_run_dir(run, reporter)
     _print_table(result.rows)
     if args.json:
         from .io.atomic import atomic_write
@@ -460,7 +634,102 @@ def cmd_validate(args: argparse.Namespace, reporter: Reporter) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace, reporter: Reporter) -> int:
+    from .batch import BatchConfig, ClusterConfig, SubjectConfig, check_cluster_config, load_subjects, run_batch
+    from .reconstruct import ALL_METHODS
+
+    # Option checks first: a bad one fails in a second, before a cluster starts or a subject is read.
+    if args.method not in ALL_METHODS:
+        raise SlicefieldError(f"unknown --method {args.method!r}", fix=f"use one of {', '.join(ALL_METHODS)}")
+    _check_resolution(args)
+    if args.scheduler and args.workers != 2:
+        log.warning("--workers is ignored with --scheduler: the cluster's own workers run the subjects")
+    subjects = load_subjects(args.inputs, bids_suffix=args.bids_suffix)
+    config = BatchConfig(
+        subject=SubjectConfig(
+            reconstruct=_reconstruct_config(args, method=args.method),
+            resolution=args.resolution,
+            thickness=args.thickness,
+            psf=args.psf,
+            use_qform=args.use_qform,
+            mask=args.mask,
+        ),
+        cluster=ClusterConfig(
+            scheduler=args.scheduler,
+            workers=args.workers,
+            threads_per_worker=args.threads_per_worker,
+            memory_limit=args.memory_limit,
+            retries=args.retries,
+            allowed_failures=args.allowed_failures,
+            dashboard=args.dashboard,
+            host=args.host,
+            gpu=args.gpu,
+        ),
+        resume=args.resume,
+    )
+    check_cluster_config(config.cluster)
+    where = args.scheduler or f"{args.workers} local workers"
+    reporter.info(f"subjects: {len(subjects)}, method: {args.method}, on {where} -> {args.out_dir}")
+    with reporter.task("subjects") as cb:  # a failed subject is logged as a warning with its reason
+        result = run_batch(subjects, out_dir=args.out_dir, config=config, command=sys.argv, progress=cb)
+    ok = [r for r in result.rows if r["status"] == "ok"]
+    reused = sum(bool(r["skipped"]) for r in ok)
+    reporter.info(
+        f"{len(ok)} ok ({reused} reused), {len(result.failed)} failed in {result.seconds:.0f} s; wrote "
+        f"{result.out_dir / 'results.csv'}, results.parquet and report.html"
+    )
+    return 1 if result.failed else 0
+
+
+def cmd_report(args: argparse.Namespace, reporter: Reporter) -> int:
+    from .report import FigureConfig, build_report
+
+    figures = None if args.no_figures else FigureConfig(center_mm=args.center)
+    out = build_report(args.run_dir, args.output, figures=figures)
+    print(f"report: {out.resolve()}")
+    return 0
+
+
+def cmd_view(args: argparse.Namespace, reporter: Reporter) -> int:
+    from .viewer import ViewerConfig, serve
+
+    if args.timeout is not None and not args.timeout > 0:
+        raise SlicefieldError(f"--timeout must be a positive number of seconds, got {args.timeout:g}", fix="e.g. 60")
+    config = ViewerConfig(
+        port=args.port, overlay_colormap=args.colormap, overlay_opacity=args.opacity, layout=args.layout
+    )
+
+    def ready(url: str) -> None:
+        print(f"slicefield view: {url}  (Ctrl-C stops)", flush=True)
+
+    serve(
+        args.volume,
+        args.overlay,
+        config=config,
+        open_browser=not args.no_browser,
+        timeout_s=args.timeout,
+        on_ready=ready,
+    )
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- parser
+def _point_mm(text: str) -> tuple[float, float, float]:
+    try:
+        x, y, z = (float(v) for v in text.split(","))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError("--center takes X,Y,Z in mm (world RAS), e.g. 0,-18,10") from e
+    return x, y, z
+
+
+def _fraction(value: float, option: str) -> float:
+    import math
+
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise SlicefieldError(f"{option} must be a fraction from 0 to 1, got {value:g}", fix=f"pass e.g. {option} 0.05")
+    return float(value)
+
+
 def _motion(text: str) -> tuple[float, float]:
     try:
         deg, mm = (float(v) for v in text.split(","))
@@ -521,17 +790,44 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--inplane", type=float, help="in-plane spacing in mm (default: the volume's)")
     s.add_argument("--replay", help="re-acquire exactly the stacks a simulation.json records (ignores the options)")
     s.add_argument("--motion", type=_motion, default=(0.0, 0.0), metavar="DEG,MM", help="per-slice motion range")
+    s.add_argument(
+        "--corrupt-slices",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="share of each stack's slices given an artefact (dropout band, stripes, ghost), e.g. 0.05",
+    )
     s.set_defaults(func=cmd_simulate)
 
     s = sub.add_parser("reconstruct", help="reconstruct a volume from stacks")
     stack_inputs(s)
-    s.add_argument("-o", "--output", required=True, help="output NIfTI")
+    s.add_argument("-o", "--output", help="output NIfTI (required unless --run-dir)")
+    s.add_argument(
+        "--run-dir", help="also write a run directory: config, metrics, timings, log, residuals, figures, report"
+    )
     s.add_argument("--method", default="srr", help="bspline, srr, inr (neural field) or irem (the IREM paper)")
     method_options(s)
     s.add_argument("--representation", help="inr field: voxel, hashgrid, planes, siren, irem")
     s.add_argument("--checkpoint", help="inr/irem: folder for checkpoints, model.pt and run.json")
     s.add_argument("--resume", help="inr/irem: continue the run whose checkpoint folder this is")
+    s.add_argument(
+        "--motion",
+        choices=("none", "stack", "slice"),
+        default="none",
+        help="motion correction: stack (rigid per stack) or slice (slice-to-volume, srr); writes *_motion.json/png",
+    )
+    s.add_argument("--packages", type=int, default=0, help="--motion slice: k interleaved packages move together")
+    s.add_argument("--reference-stack", type=int, default=0, help="--motion: index of the stack others align to")
+    s.add_argument("--reject-outliers", action="store_true", help="leave out slices whose residual is out of line")
+    s.add_argument("--bias-field", action="store_true", help="N4 bias-field correction of each stack first")
     s.set_defaults(func=cmd_reconstruct)
+
+    s = sub.add_parser("register", help="rigidly align stacks to a reference stack (headers rewritten, data kept)")
+    stack_inputs(s)
+    s.add_argument("--out-dir", required=True, help="folder for the aligned stacks and transforms.json")
+    s.add_argument("--reference-stack", type=int, default=0, help="index of the stack the others align to")
+    s.add_argument("--metric", choices=("mattes", "correlation"), default="mattes", help="similarity measure")
+    s.set_defaults(func=cmd_register)
 
     s = sub.add_parser("sample", help="read a fitted field (model.pt) on a new grid")
     s.add_argument("model", help="model.pt written by reconstruct --method inr|irem")
@@ -555,6 +851,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("volume", help="high-resolution reference NIfTI")
     s.add_argument("--methods", default="bspline,srr")
     s.add_argument("--json", help="also write the table, config and machine to this JSON file")
+    s.add_argument("--run-dir", help="also write a run directory: volumes, metrics, figures and report.html")
+    s.add_argument("--steps", type=int, help="inr/irem optimisation steps")
+    s.add_argument("--time-budget", type=float, help="inr/irem: seconds per reconstruction, then keep the result")
+    s.add_argument("--device", default="auto", help="inr/irem: auto (CUDA when available), cpu or cuda")
     acquisition(s)
     s.set_defaults(func=cmd_benchmark)
 
@@ -568,6 +868,24 @@ def build_parser() -> argparse.ArgumentParser:
     qform_option(s)
     s.set_defaults(func=cmd_preprocess)
 
+    s = sub.add_parser("report", help="one self-contained HTML report of a run directory (figures redrawn)")
+    s.add_argument("run_dir", help="run directory written by demo, benchmark, reconstruct or validate")
+    s.add_argument("-o", "--output", help="HTML file to write (default: RUN_DIR/report.html)")
+    s.add_argument("--center", type=_point_mm, metavar="X,Y,Z", help="mm RAS the slices pass through")
+    s.add_argument("--no-figures", action="store_true", help="embed the figures already there; redraw none")
+    s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("view", help="browser viewer on 127.0.0.1: three planes + 3D render (NiiVue, offline)")
+    s.add_argument("volume", help="NIfTI volume (.nii, .nii.gz)")
+    s.add_argument("--overlay", action="append", default=[], help="NIfTI drawn over it (repeatable)")
+    s.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default 0: a free one)")
+    s.add_argument("--no-browser", action="store_true", help="print the address; open no browser")
+    s.add_argument("--layout", choices=("overlay", "side"), default="overlay", help="overlays blended or side by side")
+    s.add_argument("--colormap", default="warm", help="overlay colormap: warm, red, green, blue, gray")
+    s.add_argument("--opacity", type=float, default=0.5, help="overlay opacity in [0, 1]")
+    s.add_argument("--timeout", type=float, help="stop after this many seconds (default: at Ctrl-C)")
+    s.set_defaults(func=cmd_view)
+
     s = sub.add_parser("validate", help="rank methods by predicting held-out stacks (no ground truth needed)")
     stack_inputs(s)
     s.add_argument("--methods", default="bspline,srr", help="comma-separated methods to rank")
@@ -576,6 +894,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slice-groups", type=int, default=2, help="slices mode: hold out every k-th slice, k folds")
     method_options(s)
     s.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("batch", help="reconstruct a cohort (CSV manifest or BIDS folder) on Dask; resumable")
+    s.add_argument("inputs", help="manifest.csv (subject,stacks,reference; stacks separated by ;) or a BIDS folder")
+    s.add_argument("--out-dir", required=True, help="batch folder: results.csv/.parquet, report.html, subjects/")
+    s.add_argument("--method", default="srr", help="bspline, srr, inr or irem")
+    s.add_argument("--resolution", type=float, help="mm over each subject's stacks (default: reference grid)")
+    s.add_argument("--thickness", type=float, help="slice thickness in mm (default: sidecar, else spacing)")
+    s.add_argument("--psf", choices=("gaussian", "box"), default=None, help="slice profile (default gaussian)")
+    s.add_argument("--mask", choices=("auto", "none"), default="auto", help="metrics mask (with a reference)")
+    s.add_argument("--regularization", choices=("huber", "tikhonov"), default="huber", help="srr penalty")
+    s.add_argument("--weight", type=float, help="srr regularisation weight (default: from the noise level)")
+    s.add_argument("--iterations", type=int, default=12, help="srr CG iterations per solve")
+    s.add_argument("--steps", type=int, help="inr/irem optimisation steps per subject")
+    s.add_argument("--time-budget", type=float, help="inr/irem: seconds per subject")
+    s.add_argument("--device", default="auto", help="inr/irem: auto, cpu or cuda")
+    s.add_argument("--seed", type=int, default=0, help="inr/irem seed")
+    s.add_argument("--bids-suffix", default="T2w", help="BIDS: stacks are sub-*/[ses-*/]anat/*_<suffix>.nii.gz")
+    s.add_argument("--workers", type=int, default=2, help="local cluster: worker processes")
+    s.add_argument("--threads-per-worker", type=int, default=1, help="local cluster: subjects at once per worker")
+    s.add_argument("--memory-limit", default="auto", help="local cluster: per worker, e.g. 4GiB (auto: RAM/workers)")
+    s.add_argument("--scheduler", help="an existing Dask scheduler, e.g. tcp://head:8786 (same paths on workers)")
+    s.add_argument("--resume", action="store_true", help="continue the batch in --out-dir; skip finished subjects")
+    s.add_argument("--retries", type=int, default=2, help="re-runs of a subject after a transient error")
+    s.add_argument("--allowed-failures", type=int, default=3, help="worker deaths tolerated per subject")
+    s.add_argument("--dashboard", action="store_true", help="local cluster: serve the Dask dashboard (on --host)")
+    s.add_argument("--host", default="127.0.0.1", help="local cluster: interface to bind (default loopback only)")
+    s.add_argument("--gpu", action="store_true", help="each subject needs a GPU (Dask resource GPU=1)")
+    qform_option(s)
+    s.set_defaults(func=cmd_batch)
     return p
 
 

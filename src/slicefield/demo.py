@@ -19,10 +19,9 @@ def run_demo(*, out_dir: Path, reporter, methods: str | None = None) -> int:
     from .benchmark import BenchmarkConfig, format_table, run_benchmark
     from .data import mni152_t1_path
     from .errors import SlicefieldError
-    from .figures import difference_maps, orthogonal_slices
-    from .io import load_volume, save_stack, save_volume
+    from .io import load_volume
     from .reconstruct import METHODS, ReconstructConfig
-    from .report import write_report
+    from .report import make_figures, save_benchmark, write_report
     from .runs import RunDir
 
     chosen = DEMO_METHODS if methods is None else tuple(m.strip() for m in methods.split(",") if m.strip())
@@ -34,7 +33,9 @@ def run_demo(*, out_dir: Path, reporter, methods: str | None = None) -> int:
     # the demo bounds the neural-field fit so the whole demo stays within a few minutes on 2 cores
     recon = ReconstructConfig(inr=replace(ReconstructConfig().inr, time_budget_s=DEMO_INR_BUDGET_S))
     config = BenchmarkConfig(methods=chosen, simulation=SimulationConfig(), reconstruct=recon)
-    run = RunDir.create(out_dir, config={"reference": str(source), "benchmark": config}, command=sys.argv)
+    run = RunDir.create(
+        out_dir, config={"kind": "demo", "reference": str(source), "benchmark": config}, command=sys.argv
+    )
     sim = config.simulation
     reporter.info(
         f"slicefield demo: MNI152 T1 {reference.shape} at 1 mm, from nilearn's wheel\n"
@@ -43,19 +44,10 @@ def run_demo(*, out_dir: Path, reporter, methods: str | None = None) -> int:
     )
     with run, reporter.steps() as step:
         result = run_benchmark(reference, config=config, progress=step)
-        run.record_timing("simulate", result.simulate_seconds)
-        for row in result.rows:
-            run.record_timing(row["method"], row["seconds"])
-        (run.path / "stacks").mkdir(exist_ok=True)
-        for stack in result.stacks:
-            save_stack(stack, run.path / "stacks" / f"{stack.name}.nii.gz")
-        for method, volume in result.outputs.items():
-            save_volume(volume, run.path / f"recon_{method}.nii.gz")
-        run.update_metrics({"rows": result.rows, "simulation": result.record.to_json()["config"]})
-        shown = {"reference": reference, **result.outputs}
-        orthogonal_slices(shown, run.figures / "orthogonal_slices.png", reference="reference")
-        difference_maps(shown, run.figures / "difference_maps.png", reference="reference")
+        save_benchmark(run, result, reference=reference)
+        with run.timed("figures"):
+            make_figures(run.path)
         report = write_report(run.path, title="slicefield demo: MNI152, three orthogonal x4 stacks")
     print(format_table(result.rows))
-    reporter.info(f"report: {report.resolve()}")
+    print(f"report: {report.resolve()}")  # on stdout, beside the table: shown even with --quiet
     return 0

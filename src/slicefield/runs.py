@@ -8,7 +8,9 @@ Layout (see DESIGN.md, "Runs")::
       metrics.json       {name: value}, merged by update_metrics
       timings.json       {name: wall seconds}, accumulated by record_timing
       log.txt            the ``slicefield`` logger while the RunDir is used as a context manager
-      figures/
+      figures/           PNG figures (drawn by slicefield.report.make_figures)
+      reference.nii.gz, recon_<method>.nii.gz, history_<method>.json, simulation.json, report.html
+                         outputs, when the command has them (slicefield.report lists what the report reads)
 
 JSON files are written atomically and strictly (no NaN/Infinity tokens: non-finite floats become the strings
 ``"nan"``, ``"inf"``, ``"-inf"``, which ``float()`` reads back).

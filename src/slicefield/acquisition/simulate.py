@@ -15,6 +15,7 @@ import numpy as np
 from ..errors import SlicefieldError
 from ..geometry import rotation_matrix
 from ..volume import PSF_KINDS, PSFKind, Stack, Volume
+from .corrupt import apply_corruption, object_fraction, sample_corruptions
 from .operator import acquire
 
 #: Stack frames (columns: in-plane x, in-plane y, slice normal) in world RAS for the named orientations.
@@ -23,6 +24,10 @@ ORIENTATION_FRAMES: dict[str, np.ndarray] = {
     "coronal": np.array([[1.0, 0, 0], [0, 0, 1.0], [0, 1.0, 0]]),  # x=R, y=S, normal=A
     "sagittal": np.array([[0, 0, 1.0], [1.0, 0, 0], [0, 1.0, 0]]),  # x=A, y=S, normal=R
 }
+
+#: Seed-sequence key of the random stream that draws corrupted slices (separate, so that turning corruption on
+#: leaves the motion and noise of a seed unchanged).
+CORRUPTION_STREAM = 1
 
 #: Simulated noise is this kind of distribution.
 NoiseKind = Literal["gaussian", "rician"]
@@ -56,6 +61,9 @@ class SimulationConfig:
     step_mm: float | None = None
     """Quadrature step of the simulation's forward model; default half the volume's voxel size (finer than
     reconstruction uses, to avoid an inverse crime)."""
+    corrupt_fraction: float = 0.0
+    """Share of each stack's slices (rounded) replaced by artefacts (signal dropout band, stripes, ghost; see
+    :mod:`slicefield.acquisition.corrupt`), drawn among slices through the object; recorded per slice."""
 
 
 @dataclass
@@ -69,6 +77,8 @@ class StackRecord:
     motion: list
     """Per-slice world -> world rigid transforms applied on top of the nominal poses, ``(n, 4, 4)``."""
     noise_seed: int
+    corruptions: list = field(default_factory=list)
+    """Corrupted slices, applied after acquisition and before noise: ``[{"slice", "kind", "params"}, ...]``."""
 
 
 @dataclass
@@ -152,6 +162,7 @@ def sample_simulation(volume: Volume, config: SimulationConfig) -> SimulationRec
     if config.psf not in PSF_KINDS:
         raise SlicefieldError(f"unknown psf {config.psf!r}", fix=f"use one of {', '.join(PSF_KINDS)}")
     rng = np.random.default_rng(config.seed)
+    corrupt_rng = np.random.default_rng([config.seed, CORRUPTION_STREAM])  # leaves the other draws unchanged
     inplane = float(np.min(volume.spacing)) if config.inplane is None else config.inplane
     center = volume.world_corners().mean(axis=0)
     record = SimulationRecord(config=asdict(config))
@@ -180,6 +191,11 @@ def sample_simulation(volume: Volume, config: SimulationConfig) -> SimulationRec
                 slice_to_world=geom.slice_to_world.tolist(),
                 motion=motion.tolist(),
                 noise_seed=int(rng.integers(2**31)),
+                corruptions=[]
+                if config.corrupt_fraction <= 0
+                else sample_corruptions(
+                    corrupt_rng, object_fraction(volume, geom), fraction=config.corrupt_fraction
+                ),
             )
         )
     return record
@@ -219,6 +235,8 @@ def apply_simulation(volume: Volume, record: SimulationRecord, *, progress=None)
             name=rec.name,
         )
         values = acquire(volume.data, volume.affine, geom, step_mm=step)
+        for c in rec.corruptions:
+            values[c["slice"]] = apply_corruption(values[c["slice"]], c, intensity_max=float(np.max(volume.data)))
         if std > 0:
             values = add_noise(values, std=std, kind=cfg.noise_kind, seed=rec.noise_seed)
         stacks.append(Stack(values, nominal, geom.spacing, cfg.thickness, psf=cfg.psf, name=rec.name))

@@ -9,7 +9,7 @@ squares (a few CG solves, each warm-started from the last).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -96,16 +96,23 @@ def srr(
     init: np.ndarray | None = None,
     operators: list[StackOperator] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    slice_weights: Sequence[np.ndarray] | None = None,
 ) -> np.ndarray:
     """Reconstruct the volume on ``grid`` (shape and affine, world mm RAS) from ``stacks``; ``grid.shape`` float32.
 
     init: starting volume (e.g. the B-spline average); zeros otherwise.
     operators: prebuilt forward operators for these stacks on this grid (built here when omitted).
     progress: called as ``progress(done, total)`` after each CG iteration.
+    slice_weights: per stack, ``(n_slices,)`` non-negative weight of each slice in the data term (0 leaves a slice
+    out, e.g. an outlier); multiplies the stack's mask.
     """
     if operators is None:
         operators = [StackOperator(s, grid.shape, grid.affine) for s in stacks]
     masks = [np.ones(s.data.shape, np.float32) if s.mask is None else s.mask.astype(np.float32) for s in stacks]
+    if slice_weights is not None:
+        if len(slice_weights) != len(stacks):
+            raise ValueError(f"{len(slice_weights)} slice-weight arrays for {len(stacks)} stacks")
+        masks = [m * np.asarray(w, np.float32)[:, None, None] for m, w in zip(masks, slice_weights, strict=True)]
     rhs = sum(op.adjoint(m * s.data) for op, s, m in zip(operators, stacks, masks, strict=True))
     delta = config.huber_delta * intensity_scale(stacks)
     lam = np.float32(auto_weight(stacks) if config.weight is None else config.weight)

@@ -56,8 +56,9 @@ class FitConfig:
     """Field: voxel, hashgrid, planes, siren or irem."""
     mode: Literal["grid", "slices"] = "grid"
     """grid: exact objective on the fit grid through the precomputed operator; slices: IREM-style mini-batches."""
-    steps: int = 200
-    """Optimisation steps (the time budget may stop earlier)."""
+    steps: int | None = None
+    """Optimisation steps (the time budget may stop earlier); None: 200 on a CPU (after the srr warm start), 600 on
+    CUDA (after the bspline warm start; steps are cheap there)."""
     lr: float = 1e-2
     """Adam learning rate."""
     lr_halve_every: int = 0
@@ -68,12 +69,20 @@ class FitConfig:
     """slices mode: acquired pixels per mini-batch."""
     psf_samples: int = 8
     """slices mode: PSF samples per pixel."""
+    prior: Literal["huber", "tgv"] = "huber"
+    """grid mode: prior on the grid values: huber (SRR's, first order) or tgv (second-order total generalised
+    variation with Huber-smoothed norms; see :mod:`slicefield.fit.objective`)."""
     weight: float | None = None
-    """Huber prior weight (as SRR's); None: from the noise level estimated in the stacks."""
+    """Prior weight (as SRR's); None: from the noise level estimated in the stacks."""
+    weight_factor: float = 1.0
+    """Multiplies the weight (the automatic one included)."""
+    tgv_ratio: float = 1.0
+    """tgv: weight of the second-order term relative to the first."""
     huber_delta: float = 0.02
     """Huber threshold, as a fraction of the intensity scale."""
-    warm_start: Literal["srr", "bspline", "none"] = "srr"
-    """Start from a classical reconstruction (distilled into the field before fitting)."""
+    warm_start: Literal["auto", "srr", "bspline", "none"] = "auto"
+    """Start from a classical reconstruction (distilled into the field before fitting); auto: srr on a CPU, bspline
+    on CUDA (where srr's CPU solver would take longer than the whole fit)."""
     warm_steps: int = 100
     """Steps of distillation of the warm start into a non-voxel field."""
     time_budget_s: float | None = None
@@ -243,7 +252,14 @@ def fit_field(
     if config.representation == "voxel":
         rep_config = replace(rep_config, shape=tuple(grid.shape))
     model = build_representation(config.representation, rep_config).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
+    # tgv's auxiliary vector field (voxel units, on the fit grid), optimised with the field
+    aux = (
+        torch.nn.Parameter(torch.zeros((3, *grid.shape), device=device))
+        if config.mode == "grid" and config.prior == "tgv"
+        else None
+    )
+    groups = [{"params": list(model.parameters())}] + ([{"params": [aux]}] if aux is not None else [])
+    opt = torch.optim.Adam(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
     ckpt_path = None if checkpoint_dir is None else Path(checkpoint_dir) / "checkpoint.pt"
     start_step, elapsed_before, history = 0, 0.0, []
 
@@ -262,6 +278,8 @@ def fit_field(
                 fix="resume with the same options, or start a new checkpoint folder",
             )
         model.load_state_dict(state["model"])
+        if aux is not None:
+            aux.data.copy_(state["aux"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         rng.bit_generator.state = json.loads(state["numpy_rng"])
@@ -272,12 +290,14 @@ def fit_field(
     u_grid = grid_coordinates(grid, frame)
     voxel_field = _is_voxel_on(model, grid.shape)
     operators = None
-    if config.mode == "grid" or config.warm_start == "srr":
+    warm = config.warm_start if config.warm_start != "auto" else ("srr" if device.type == "cpu" else "bspline")
+    n_steps = config.steps if config.steps is not None else (200 if device.type == "cpu" else 600)
+    if config.mode == "grid" or warm == "srr":
         from ..acquisition.operator import StackOperator
 
         operators = [StackOperator(s, grid.shape, grid.affine) for s in stacks]
-    if not resume and config.warm_start != "none":
-        init = _warm_start(stacks, grid, config.warm_start, operators) / scale
+    if not resume and warm != "none":
+        init = _warm_start(stacks, grid, warm, operators) / scale
         if voxel_field:
             with torch.no_grad():
                 model.values.copy_(torch.from_numpy(init.astype(np.float32)))
@@ -297,11 +317,17 @@ def fit_field(
             stacks,
             grid,
             scale=scale,
-            weight=auto_weight(stacks) if config.weight is None else config.weight,
+            weight=(auto_weight(stacks) if config.weight is None else config.weight) * config.weight_factor,
             delta=config.huber_delta,
             device=device,
+            prior=config.prior,
+            tgv_ratio=config.tgv_ratio,
             operators=operators,
         )
+        if aux is not None and not resume:  # start w at the image gradient of the starting field
+            with torch.no_grad():
+                x0 = model.values if voxel_field else evaluate_on(model, u_grid, device).reshape(grid.shape)
+                aux.copy_(objective.initial_w(x0.to(device)))
     elif config.mode == "slices":
         sampler = _SliceSampler(stacks, scale)
     else:
@@ -310,22 +336,25 @@ def fit_field(
     step = start_step
     stopped = False
     n_vox = len(u_grid)
-    for step in range(start_step, config.steps):
+    for step in range(start_step, n_steps):
         if config.lr_halve_every:
             for g in opt.param_groups:
                 g["lr"] = config.lr * 0.5 ** (step // config.lr_halve_every)
         if config.mode == "grid":
             opt.zero_grad()
+            w = None if aux is None else aux.detach()
             if voxel_field:
-                data, prior, g = objective.value_and_grad(model.values.detach())
+                data, prior, g, gw = objective.value_and_grad(model.values.detach(), w)
                 model.values.grad = g.to(model.values.dtype)
             else:
                 x = evaluate_on(model, u_grid, device).reshape(grid.shape).to(device)
-                data, prior, g = objective.value_and_grad(x)
+                data, prior, g, gw = objective.value_and_grad(x, w)
                 g = g.reshape(-1)
                 for i in range(0, n_vox, config.batch_voxels):  # exact gradient, back-propagated chunk by chunk
                     f = model(u_grid[i : i + config.batch_voxels].to(device))
                     (f * g[i : i + config.batch_voxels]).sum().backward()
+            if aux is not None:
+                aux.grad = gw
             loss = data + prior
         else:
             pts, vals = sampler.batch(rng, config.batch_pixels, config.psf_samples)
@@ -338,9 +367,9 @@ def fit_field(
         opt.step()
         history.append({"step": step + 1, "loss": loss, "data": data, "prior": prior})
         if progress is not None:
-            progress(step + 1, config.steps)
+            progress(step + 1, n_steps)
         elapsed = elapsed_before + time.perf_counter() - t0
-        last = step + 1 == config.steps
+        last = step + 1 == n_steps
         if ckpt_path is not None and ((step + 1) % config.checkpoint_every == 0 or last):
             _save_checkpoint(
                 ckpt_path.parent,
@@ -348,6 +377,7 @@ def fit_field(
                     "format": FORMAT_VERSION,
                     "step": step + 1,
                     "model": model.state_dict(),
+                    **({"aux": aux.detach().cpu()} if aux is not None else {}),
                     "optimizer": opt.state_dict(),
                     "torch_rng": torch.get_rng_state(),
                     "numpy_rng": json.dumps(rng.bit_generator.state),
@@ -363,7 +393,7 @@ def fit_field(
     _recalibrate_batchnorm(model, u_grid, rng, device)
     values = model.values.detach().cpu() if voxel_field else evaluate_on(model, u_grid, device).reshape(grid.shape)
     volume = Volume(values.numpy().astype(np.float32) * np.float32(scale), grid.affine.copy())
-    return FitResult(model, frame, scale, volume, history, min(step + 1, config.steps), stopped)
+    return FitResult(model, frame, scale, volume, history, min(step + 1, n_steps), stopped)
 
 
 def model_document(result: FitResult, *, representation: str, representation_config: object) -> dict:

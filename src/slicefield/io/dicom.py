@@ -20,6 +20,7 @@ Enhanced (multi-frame) files are read frame by frame from ``PerFrameFunctionalGr
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from ..errors import SlicefieldError
 from ..volume import PSF_KINDS, PSFKind, Stack
@@ -39,6 +40,13 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 #: Largest difference between direction cosines of slices treated as parallel.
 ORIENTATION_TOL = 1e-4
+
+#: Exceptions pydicom raises for unreadable, corrupt or truncated files (found by fuzzing, tests/test_batch.py).
+#: (RuntimeError includes the NotImplementedError of an unknown value representation.)
+_READ_ERRORS = (
+    OSError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError,
+    BytesLengthException, struct.error,
+)  # fmt: skip
 
 #: Slices closer than this along the normal (mm) are at the same position (e.g. several echoes or times).
 SAME_POSITION_MM = 1e-3
@@ -80,7 +88,7 @@ def _read(path: Path) -> pydicom.Dataset | None:
         return pydicom.dcmread(path)
     except InvalidDicomError:
         pass
-    except (OSError, EOFError, ValueError, TypeError, KeyError) as e:
+    except _READ_ERRORS as e:
         raise SlicefieldError(
             f"cannot read DICOM file ({e})", path=path, fix="re-export the series or remove the file"
         ) from e
@@ -148,7 +156,7 @@ def _frames(ds: pydicom.Dataset, path: Path) -> list[_Frame]:
         return frames
     except SlicefieldError:
         raise
-    except (AttributeError, ValueError, TypeError, IndexError, KeyError, RuntimeError, OSError, EOFError) as e:
+    except _READ_ERRORS as e:
         raise SlicefieldError(
             f"cannot decode DICOM image ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
             path=path,

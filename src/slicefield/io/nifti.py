@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import struct
 import zlib
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ MAX_SFORM_QFORM_MM = 1.0
 XFORM_CODE_SCANNER = 1
 
 #: Exceptions nibabel, gzip and zlib raise for unreadable, corrupt or truncated files.
-_READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, ValueError)
+_READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, ValueError, OverflowError, struct.error)
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -71,8 +72,15 @@ def _fov_corners(shape: tuple[int, ...]) -> np.ndarray:
 
 def _choose_affine(img: nib.Nifti1Pair, path: Path, shape: tuple[int, int, int], use_qform: bool) -> np.ndarray:
     """The voxel -> world mm RAS affine of a NIfTI image, after the sform/qform and shear checks."""
-    sform, scode = img.get_sform(coded=True)
-    qform, qcode = img.get_qform(coded=True)
+    try:
+        sform, scode = img.get_sform(coded=True)
+        qform, qcode = img.get_qform(coded=True)
+    except (ValueError, HeaderDataError) as e:  # e.g. a quaternion of norm > 1
+        raise SlicefieldError(
+            f"invalid sform or qform in the header ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+            path=path,
+            fix="fix the header's orientation fields (e.g. with fslorient or nibabel)",
+        ) from e
     if sform is not None and qform is not None and not use_qform:
         corners = _fov_corners(shape)
         dist = float(np.linalg.norm(apply_affine(sform, corners) - apply_affine(qform, corners), axis=1).max())
