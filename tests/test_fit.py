@@ -160,9 +160,18 @@ def test_tgv_fit_beats_one_stack_and_resumes_with_its_auxiliary_field(phantom, a
 
 
 def test_time_budget_stops_early_with_a_result(phantom, acquired):
-    result = fit_field(acquired, phantom, config=replace(FAST, steps=10_000, time_budget_s=0.5))
+    calls = []
+    result = fit_field(
+        acquired,
+        phantom,
+        config=replace(FAST, steps=10_000, time_budget_s=0.5),
+        progress=lambda done, total: calls.append((done, total)),
+    )
     assert result.stopped_by_budget
     assert result.steps_done < 10_000
+    # progress totals follow the budget (for an honest ETA), ending at the step the budget stopped
+    assert all(done <= total <= 10_000 for done, total in calls)
+    assert calls[-1] == (result.steps_done, result.steps_done)
     assert np.isfinite(result.volume.data).all()
 
 

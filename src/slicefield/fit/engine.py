@@ -227,6 +227,15 @@ def _config_key(config: FitConfig) -> str:
     return json.dumps(keep, sort_keys=True)
 
 
+def _expected_steps(config: FitConfig, n_steps: int, done_here: int, done: int, elapsed: float, t_loop: float) -> int:
+    """Steps the run will make: ``n_steps``, or fewer when the time budget will stop it first (for progress ETAs)."""
+    if config.time_budget_s is None or done_here <= 0:
+        return n_steps
+    per_step = (time.perf_counter() - t_loop) / done_here
+    left = max(0.0, config.time_budget_s - elapsed)
+    return min(n_steps, done + int(left / max(per_step, 1e-9)))
+
+
 def fit_field(
     stacks: list[Stack],
     grid: Volume,
@@ -335,6 +344,7 @@ def fit_field(
 
     step = start_step
     stopped = False
+    t_loop = time.perf_counter()
     n_vox = len(u_grid)
     for step in range(start_step, n_steps):
         if config.lr_halve_every:
@@ -366,9 +376,9 @@ def fit_field(
             prior = 0.0
         opt.step()
         history.append({"step": step + 1, "loss": loss, "data": data, "prior": prior})
-        if progress is not None:
-            progress(step + 1, n_steps)
         elapsed = elapsed_before + time.perf_counter() - t0
+        if progress is not None:
+            progress(step + 1, _expected_steps(config, n_steps, step + 1 - start_step, step + 1, elapsed, t_loop))
         last = step + 1 == n_steps
         if ckpt_path is not None and ((step + 1) % config.checkpoint_every == 0 or last):
             _save_checkpoint(
