@@ -35,6 +35,8 @@ Reliability rules:
   subject is refused with a one-line reason when it cannot fit the worker's memory limit (:func:`check_memory`).
 - **Containment.** Subject ids are sanitised (:func:`sanitize_subject_id`), so no manifest entry can make the
   batch write outside ``out_dir``.
+- **One batch per folder.** ``out_dir/.batch.lock`` is held (``flock``, released by the OS even on SIGKILL) while a
+  batch runs; ``config.json`` marks a folder as a batch, which only ``resume=True`` may continue.
 """
 
 from __future__ import annotations
