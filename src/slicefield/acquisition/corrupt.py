@@ -25,11 +25,9 @@ from ..volume import Stack, Volume
 
 #: Artefact kinds that :func:`apply_corruption` knows.
 CORRUPTION_KINDS: tuple[str, ...] = ("dropout", "stripes", "ghost")
-#: A slice is eligible for corruption when at least this fraction of its pixels lie in the object (so that an
-#: artefact on an empty slice, which is harmless and undetectable, is not counted).
+#: A slice is eligible for corruption when at least this fraction of its pixels lie in the object (the volume's
+#: automatic foreground), so that an artefact on an empty slice, harmless and undetectable, is not counted.
 MIN_OBJECT_FRACTION = 0.1
-#: Voxels above this fraction of the volume maximum count as object for :data:`MIN_OBJECT_FRACTION`.
-OBJECT_THRESHOLD = 0.1
 
 #: Ranges (uniform) of each kind's random parameters.
 DROPOUT_DEPTH = (0.6, 0.9)
@@ -107,12 +105,15 @@ def apply_corruption(values: np.ndarray, corruption: dict[str, Any], *, intensit
 
 def object_fraction(volume: Volume, stack: Stack, *, stride: int = 2) -> np.ndarray:
     """``(n_slices,)``: fraction of each slice's pixel centres (every ``stride``-th pixel along each in-plane axis,
-    at the stack's poses, world mm RAS) where the volume exceeds ``OBJECT_THRESHOLD`` x its maximum."""
-    threshold = OBJECT_THRESHOLD * float(np.max(volume.data))
+    at the stack's poses, world mm RAS) inside the volume's automatic foreground
+    (:func:`~slicefield.metrics.foreground_mask`, the brain mask of the benchmarks), nearest voxel."""
+    from ..metrics import foreground_mask
+
+    inside = foreground_mask(volume.data).astype(np.float32)
     world_to_vox = np.linalg.inv(volume.affine)
     out = np.zeros(stack.n_slices)
     for s in range(stack.n_slices):
         pts = apply_affine(world_to_vox, stack.pixel_world(s)[::stride, ::stride])
-        vals = ndimage.map_coordinates(volume.data, np.moveaxis(pts, -1, 0), order=1, mode="grid-constant", cval=0.0)
-        out[s] = float(np.mean(vals > threshold))
+        vals = ndimage.map_coordinates(inside, np.moveaxis(pts, -1, 0), order=0, mode="grid-constant", cval=0.0)
+        out[s] = float(np.mean(vals > 0.5))
     return out

@@ -63,6 +63,19 @@ def auto_weight(stacks: list[Stack]) -> float:
     return float(np.clip(lam, *AUTO_WEIGHT_RANGE))
 
 
+def _weighted_in(stacks: list[Stack], slice_weights: Sequence[np.ndarray]) -> list[Stack]:
+    """The stacks restricted to their slices of positive weight (stacks with none are dropped)."""
+    from dataclasses import replace
+
+    out = []
+    for s, w in zip(stacks, slice_weights, strict=True):
+        keep = np.asarray(w) > 0
+        if keep.any():
+            mask = None if s.mask is None else s.mask[keep]
+            out.append(replace(s, data=s.data[keep], slice_to_world=s.slice_to_world[keep], mask=mask))
+    return out or stacks
+
+
 def _gradient(x: np.ndarray) -> list[np.ndarray]:
     """Forward differences along each axis (zero at the far boundary), voxel units."""
     out = []
@@ -114,8 +127,9 @@ def srr(
             raise ValueError(f"{len(slice_weights)} slice-weight arrays for {len(stacks)} stacks")
         masks = [m * np.asarray(w, np.float32)[:, None, None] for m, w in zip(masks, slice_weights, strict=True)]
     rhs = sum(op.adjoint(m * s.data) for op, s, m in zip(operators, stacks, masks, strict=True))
-    delta = config.huber_delta * intensity_scale(stacks)
-    lam = np.float32(auto_weight(stacks) if config.weight is None else config.weight)
+    kept = stacks if slice_weights is None else _weighted_in(stacks, slice_weights)  # the intensity unit and noise
+    delta = config.huber_delta * intensity_scale(kept)  # level come from the slices that count
+    lam = np.float32(auto_weight(kept) if config.weight is None else config.weight)
     solves = config.reweightings if config.regularization == "huber" else 1
     total = solves * config.iterations
     x = np.zeros(grid.shape, np.float32) if init is None else np.array(init, np.float32)

@@ -33,7 +33,8 @@ def check_stack(stack: Stack) -> list[str]:
 
     - slice thickness vs slice spacing along the normal: gaps or overlaps larger than
       :data:`GAP_TOLERANCE` x spacing;
-    - in-plane pixels larger than the slice thickness (unusual for a slice stack: wrong slice axis?).
+    - in-plane pixels larger than the slice thickness (unusual for a slice stack: wrong slice axis?);
+    - uneven steps between consecutive slices (a slice missing from a series, or two series mixed).
     """
     name = stack.name
     warnings: list[str] = []
@@ -49,6 +50,15 @@ def check_stack(stack: Stack) -> list[str]:
             warnings.append(
                 f"{name}: slice thickness {thickness:.1f} mm but slices are {spacing:.1f} mm apart "
                 f"({-gap:.1f} mm overlap); pass --thickness if the header is wrong"
+            )
+    if stack.n_slices >= 3:
+        steps = np.abs(np.diff(np.sort(stack.slice_positions_mm())))
+        spacing = stack.slice_spacing
+        if spacing > 0 and np.max(np.abs(steps - spacing)) > GAP_TOLERANCE * spacing:
+            warnings.append(
+                f"{name}: slices are unevenly spaced (steps from {steps.min():.1f} to {steps.max():.1f} mm, "
+                f"median {spacing:.1f} mm); a slice missing from the series? Each slice is modelled at its own "
+                "position, but check the input if this is unexpected"
             )
     dx, dy = stack.spacing
     if max(dx, dy) > stack.thickness * (1 + GAP_TOLERANCE):

@@ -25,7 +25,7 @@ def motion_plot(result: MotionResult, path: str | Path, *, width_in: float = 9.0
     Motion of slice ``s`` = its world -> world correction ``T_s`` (corrected pose = ``T_s @`` header pose):
     rotation angle (degrees, left axis) and displacement of the slice centre (mm, right axis). Slices left out of
     the reconstruction (weight 0) are shaded red; flagged slices are circled; slices too empty to register are
-    marked grey on the axis.
+    marked with grey ticks along the bottom.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -49,7 +49,7 @@ def motion_plot(result: MotionResult, path: str | Path, *, width_in: float = 9.0
             ax.plot(m.flagged, rot[m.flagged], "o", mfc="none", mec="red", ms=9, mew=1.5)
         empty = np.flatnonzero(~m.registered)
         if len(empty):
-            ax.plot(empty, np.zeros(len(empty)), "|", color="grey", ms=8)
+            ax.plot(empty, np.full(len(empty), 0.04), "|", color="grey", ms=10, transform=ax.get_xaxis_transform())
         excluded = int(np.sum(m.weights == 0))
         ax.set_title(f"{m.name}: {len(m.flagged)} flagged, {excluded} excluded", fontsize=9, loc="left")
         ax.set_ylabel("rotation (deg)", fontsize=8)

@@ -109,7 +109,8 @@ class MotionConfig:
     """mode slice: 0 registers each slice on its own; k >= 1 registers k interleaved packages per stack (slices
     i with i % k == p move together)."""
     levels: tuple[SVRLevel, ...] = DEFAULT_LEVELS
-    """Rounds of reconstruct -> register, coarse to fine (mode none: rounds of reconstruct -> reweight)."""
+    """Rounds of reconstruct -> register, coarse to fine. Mode none runs only the last one (reconstruct -> score
+    the slices -> reweight), and only with reject_outliers."""
     register_stacks: bool = True
     """modes stack and slice: first register every stack to the reference stack (SimpleITK)."""
     reject_outliers: bool = False
@@ -246,7 +247,7 @@ def slice_groups(stack: Stack, *, mode: MotionMode, packages: int) -> list[np.nd
     n = stack.n_slices
     if mode == "stack":
         return [np.arange(n)]
-    if packages and packages > 1:
+    if packages >= 1:
         return [np.arange(p, n, packages) for p in range(min(packages, n))]
     return [np.array([s]) for s in range(n)]
 
@@ -451,7 +452,10 @@ def reconstruct_with_motion(
     flags: list[list[int]] = [[] for _ in n_slices]
     volume: Volume | None = None
     workers = config.workers or os.cpu_count() or 1
-    levels = config.levels if (config.mode != "none" or config.reject_outliers) else ()
+    if config.mode == "none":
+        levels = config.levels[-1:] if config.reject_outliers else ()
+    else:
+        levels = config.levels
 
     round_srr = replace(srr_config, iterations=config.round_iterations, reweightings=config.round_reweightings)
 
