@@ -193,9 +193,7 @@ def sample_simulation(volume: Volume, config: SimulationConfig) -> SimulationRec
                 noise_seed=int(rng.integers(2**31)),
                 corruptions=[]
                 if config.corrupt_fraction <= 0
-                else sample_corruptions(
-                    corrupt_rng, object_fraction(volume, geom), fraction=config.corrupt_fraction
-                ),
+                else sample_corruptions(corrupt_rng, object_fraction(volume, geom), fraction=config.corrupt_fraction),
             )
         )
     return record

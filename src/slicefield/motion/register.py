@@ -55,6 +55,9 @@ class RegistrationConfig:
     """Fraction of the fixed image's voxels (inside its mask) sampled by the metric."""
     seed: int = 0
     """Seed of the metric's random sampling (same seed, same result)."""
+    threads: int = 1
+    """ITK threads of the registration. ITK splits the sampled metric across threads, so the result depends on their
+    number; a fixed number gives the same result on every machine (stacks are small: one thread takes seconds)."""
     use_mask: bool = True
     """Restrict the metric to the fixed image's automatic foreground (Otsu, dilated)."""
     reference: int = 0
@@ -137,7 +140,9 @@ def rigid_register(
     else:
         raise ValueError(f"unknown metric {config.metric!r}")
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(config.sampling, config.seed)
+    # SimpleITK reads seed 0 as "seed from the wall clock" (sitkWallClock): shift by one to stay reproducible
+    reg.SetMetricSamplingPercentage(config.sampling, config.seed + 1)
+    reg.SetNumberOfThreads(config.threads)
     if fixed_mask is not None:
         mask = to_sitk(fixed_mask.astype(np.float32), fixed.affine)
         reg.SetMetricFixedMask(sitk.Cast(mask, sitk.sitkUInt8))
@@ -161,7 +166,12 @@ def rigid_register(
     if progress is not None:
         levels = len(config.shrink_factors)
         reg.AddCommand(sitk.sitkMultiResolutionIterationEvent, lambda: progress(reg.GetCurrentLevel() + 1, levels))
-    result = reg.Execute(sitk.Cast(fixed_img, sitk.sitkFloat32), sitk.Cast(moving_img, sitk.sitkFloat32))
+    default_threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(config.threads)  # the metric's threads follow the default
+    try:
+        result = reg.Execute(sitk.Cast(fixed_img, sitk.sitkFloat32), sitk.Cast(moving_img, sitk.sitkFloat32))
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(default_threads)
     tx = sitk.Euler3DTransform(sitk.CompositeTransform(result).GetNthTransform(0))
     # ITK: fixed physical point x (LPS) -> moving point A x + b; the anatomy at moving q is at fixed A^-1 (q - b)
     lps = np.eye(4)

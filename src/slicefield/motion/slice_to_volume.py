@@ -10,8 +10,8 @@ box's in-plane standard deviation, then a box along the normal). ``tests/test_mo
 ``acquire``.
 
 **Optimisation.** Levenberg-Marquardt on six rigid parameters (rotation vector about the group's centre, then a
-translation; world mm RAS), with the analytic Jacobian (trilinear samples of the blurred volume's world gradient)
-and a weak quadratic prior towards the starting pose (``prior_weight``).
+translation; world mm RAS), with the analytic Jacobian (the exact gradient of the trilinear interpolant of the
+blurred volume).
 Each slice has an intensity scale ``c`` (least squares, ``y ~ c * prediction``), so a slice that is uniformly
 brighter or darker does not pull the pose. The cost is the mean squared residual over the selected pixels
 (foreground, every ``stride``-th pixel). Coarse-to-fine comes from the caller (``blur_mm`` and ``stride``).
@@ -75,10 +75,6 @@ class SliceRegistrationConfig:
     starts_mm: tuple[float, ...] = ()
     """Extra starting points: offsets (mm) along the slice normal, each tried for a few iterations before the best
     one is refined (wider capture range through the plane, where thick slices see least)."""
-    prior_weight: float = 0.0
-    """Weight of a quadratic pull towards the starting pose: a move of 1 mm (or a rotation moving the pixels 1 mm
-    on average) costs this fraction of the slice's mean squared value. Negligible where the anatomy fixes the pose;
-    it keeps featureless slices (top of the head) from drifting along directions the data do not constrain."""
 
 
 @dataclass(frozen=True)
@@ -272,10 +268,6 @@ def register_group(
         return GroupFit(np.eye(4), np.ones(n_g), float("nan"), 0, False)
     world = np.concatenate([xy @ p[:3, :2].T + p[:3, 3] for xy, p in zip(xy_mm, poses, strict=True)])
     center = world.mean(axis=0)
-    lever = float(np.sqrt(np.mean(np.sum((world - center) ** 2, axis=1))))  # rms distance of pixels, mm
-    y_all = np.concatenate(values)
-    prior = np.sqrt(total * config.prior_weight * float(y_all @ y_all) / total)
-    prior_scale = prior * np.array([lever] * 3 + [1.0] * 3)  # rows of the prior: (lever * omega, t), mm
 
     def evaluate(params: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
         delta = rigid_about(params[:3], params[3:], center)
@@ -292,8 +284,6 @@ def register_group(
             scales[s] = c
             rs.append(c * pred - values[s])
             js.append(c * jac)
-        rs.append(prior_scale * params)
-        js.append(np.diag(prior_scale))
         r = np.concatenate(rs)
         return float(r @ r) / total, r, np.concatenate(js), scales
 

@@ -98,6 +98,12 @@ DEFAULT_LEVELS: tuple[SVRLevel, ...] = (
     SVRLevel(resolution_mm=None, blur_mm=0.0, stride=2),
 )
 
+#: Default rounds of mode stack (whole stacks refined against the reconstruction after the stack registration).
+STACK_LEVELS: tuple[SVRLevel, ...] = (
+    SVRLevel(resolution_mm=2.0, blur_mm=1.0, stride=2),
+    SVRLevel(resolution_mm=None, blur_mm=0.0, stride=2),
+)
+
 
 @dataclass(frozen=True)
 class MotionConfig:
@@ -108,9 +114,10 @@ class MotionConfig:
     packages: int = 0
     """mode slice: 0 registers each slice on its own; k >= 1 registers k interleaved packages per stack (slices
     i with i % k == p move together)."""
-    levels: tuple[SVRLevel, ...] = DEFAULT_LEVELS
-    """Rounds of reconstruct -> register, coarse to fine. Mode none runs only the last one (reconstruct -> score
-    the slices -> reweight), and only with reject_outliers."""
+    levels: tuple[SVRLevel, ...] | None = None
+    """Rounds of reconstruct -> register, coarse to fine; None: DEFAULT_LEVELS for mode slice, STACK_LEVELS for
+    mode stack. Mode none runs only the last one (reconstruct -> score the slices -> reweight), and only with
+    reject_outliers."""
     register_stacks: bool = True
     """modes stack and slice: first register every stack to the reference stack (SimpleITK)."""
     reject_outliers: bool = False
@@ -452,10 +459,11 @@ def reconstruct_with_motion(
     flags: list[list[int]] = [[] for _ in n_slices]
     volume: Volume | None = None
     workers = config.workers or os.cpu_count() or 1
+    levels = config.levels
+    if levels is None:
+        levels = STACK_LEVELS if config.mode == "stack" else DEFAULT_LEVELS
     if config.mode == "none":
-        levels = config.levels[-1:] if config.reject_outliers else ()
-    else:
-        levels = config.levels
+        levels = levels[-1:] if config.reject_outliers else ()
 
     round_srr = replace(srr_config, iterations=config.round_iterations, reweightings=config.round_reweightings)
 
