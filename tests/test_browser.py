@@ -108,6 +108,27 @@ def _not_blank(pixels: np.ndarray) -> bool:
     return grey.std() > 10 and len(np.unique(grey.round())) > 20
 
 
+#: Per image of a page: alt text, loaded or not, natural size and the standard deviation of its grey levels.
+IMAGE_STATS_JS = """() => Array.from(document.images).map((img) => {
+                const c = document.createElement('canvas');
+                c.width = img.naturalWidth; c.height = img.naturalHeight;
+                const ctx = c.getContext('2d');
+                ctx.drawImage(img, 0, 0);
+                const d = ctx.getImageData(0, 0, c.width, c.height).data;
+                let n = 0, s = 0, s2 = 0;
+                for (let i = 0; i < d.length; i += 4 * 7) {
+                    const g = (d[i] + d[i + 1] + d[i + 2]) / 3; n++; s += g; s2 += g * g;
+                }
+                const mean = s / n;
+                return {alt: img.alt, complete: img.complete, w: img.naturalWidth, h: img.naturalHeight,
+                        std: Math.sqrt(Math.max(0, s2 / n - mean * mean))};
+            })"""
+
+
+def _image_stats(page: Page) -> list[dict]:
+    return page.page.evaluate(IMAGE_STATS_JS)
+
+
 # ----------------------------------------------------------------------------------------------- report
 @pytest.fixture(scope="module")
 def three_method_report(phantom, tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -138,22 +159,7 @@ def test_report_opens_fast_with_no_errors_and_real_images(browser, three_method_
         page.page.goto(three_method_report.as_uri(), wait_until="load")
         wall = time.perf_counter() - start
         nav = page.page.evaluate("JSON.parse(JSON.stringify(performance.getEntriesByType('navigation')[0]))")
-        images = page.page.evaluate(
-            """() => Array.from(document.images).map((img) => {
-                const c = document.createElement('canvas');
-                c.width = img.naturalWidth; c.height = img.naturalHeight;
-                const ctx = c.getContext('2d');
-                ctx.drawImage(img, 0, 0);
-                const d = ctx.getImageData(0, 0, c.width, c.height).data;
-                let n = 0, s = 0, s2 = 0;
-                for (let i = 0; i < d.length; i += 4 * 7) {
-                    const g = (d[i] + d[i + 1] + d[i + 2]) / 3; n++; s += g; s2 += g * g;
-                }
-                const mean = s / n;
-                return {alt: img.alt, complete: img.complete, w: img.naturalWidth, h: img.naturalHeight,
-                        std: Math.sqrt(Math.max(0, s2 / n - mean * mean))};
-            })"""
-        )
+        images = _image_stats(page)
         page.page.screenshot(path=str(artifacts / "report.png"), full_page=True)
         shutil.copy(three_method_report, artifacts / "report.html")
         record = {
@@ -276,6 +282,61 @@ def test_viewer_falls_back_to_2d_canvas_without_webgl(browser, volumes, artifact
             after = page.page.evaluate("window.slicefieldViewer.crosshair()")
             assert abs(after[0] - before[0]) > 0.05 and after[2] == before[2]
             page.page.screenshot(path=str(artifacts / "viewer_fallback.png"))
+            assert page.errors == [] and page.outside == []
+        finally:
+            page.close()
+
+
+# ----------------------------------------------------------------------------------------------- the demo itself
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``slicefield demo`` as a user runs it (MNI152 from nilearn's wheel, bspline + srr): about 2-3 min on 2 cores."""
+    from slicefield.cli import main
+
+    out = tmp_path_factory.mktemp("demo") / "slicefield-demo"
+    assert main(["-q", "demo", "--out-dir", str(out)]) == 0
+    return out
+
+
+def test_demo_report_reads_on_its_own(browser, demo_run: Path, artifacts: Path) -> None:
+    """The report ``slicefield demo`` ends with: its table names both methods with numbers, every figure is drawn,
+    nothing is fetched, no console errors; the screenshot goes to the CI artifacts (issue 8's standard)."""
+    report = demo_run / "report.html"
+    assert report.stat().st_size < REPORT_MAX_BYTES
+    page = Page(browser)
+    try:
+        page.page.goto(report.as_uri(), wait_until="load")
+        page.page.screenshot(path=str(artifacts / "demo_report.png"), full_page=True)
+        shutil.copy(report, artifacts / "demo_report.html")
+        assert page.errors == [] and page.outside == []
+        rows = page.page.evaluate(
+            "Array.from(document.querySelector('table').rows).map((r) => r.innerText.replace(/\\s+/g, ' '))"
+        )  # the first table: the metrics
+        for method in ("bspline", "srr"):
+            (row,) = [r for r in rows if r.strip().startswith(method)]
+            assert any(ch.isdigit() for ch in row), row
+        images = _image_stats(page)
+        assert len(images) >= 4
+        for img in images:
+            assert img["complete"] and img["w"] > 100 and img["h"] > 100, img
+            assert img["std"] > 5, f"blank image: {img}"
+    finally:
+        page.close()
+
+
+def test_demo_reconstruction_in_the_viewer(browser, demo_run: Path, artifacts: Path) -> None:
+    """The demo's srr volume in ``slicefield view`` with the reference as overlay: rendered, clickable."""
+    from slicefield.viewer import ViewerServer
+
+    with ViewerServer(demo_run / "recon_srr.nii.gz", [demo_run / "reference.nii.gz"]) as server:
+        page = _open_viewer(browser, server.url)
+        try:
+            assert _not_blank(_png(page.page.locator("canvas").first.screenshot()))
+            before = page.page.evaluate("window.slicefieldViewer.crosshair(0)")
+            _click_off_centre(page, 0, 0)
+            after = page.page.evaluate("window.slicefieldViewer.crosshair(0)")
+            assert abs(after[0] - before[0]) > 0.05
+            page.page.screenshot(path=str(artifacts / "demo_viewer.png"))
             assert page.errors == [] and page.outside == []
         finally:
             page.close()
