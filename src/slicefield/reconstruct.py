@@ -11,6 +11,7 @@ from .baselines.bspline import bspline_average
 from .baselines.srr import SRRConfig, srr
 from .errors import SlicefieldError
 from .fit.engine import FitConfig, FitResult
+from .representations.gaussians import GaussianFitConfig
 from .volume import Stack, Volume
 
 #: Methods available to ``reconstruct``, in the order a benchmark lists them.
@@ -18,7 +19,7 @@ METHODS: tuple[str, ...] = ("bspline", "srr", "inr")
 #: Methods that fit a field (the rest are classical); ``irem`` is the IREM paper's network and schedule.
 FIELD_METHODS: tuple[str, ...] = ("inr", "irem")
 #: Every method ``reconstruct`` accepts.
-ALL_METHODS: tuple[str, ...] = tuple(dict.fromkeys(METHODS + FIELD_METHODS))
+ALL_METHODS: tuple[str, ...] = tuple(dict.fromkeys(METHODS + FIELD_METHODS + ("gaussians",)))
 
 ProgressFn = Callable[[int, int], None]
 
@@ -35,6 +36,8 @@ class ReconstructConfig:
     """Options of the inr method (the default neural-field reconstruction)."""
     irem: FitConfig = field(default_factory=lambda: IREM_FIT)
     """Options of the irem method (the IREM paper's network and training schedule)."""
+    gaussians: GaussianFitConfig = field(default_factory=GaussianFitConfig)
+    """Options of the gaussians method (anisotropic 3D Gaussians, analytic slice PSF)."""
     checkpoint_dir: str | None = None
     """Field methods: folder for checkpoints (and resume)."""
     resume: bool = False
@@ -73,6 +76,10 @@ def reconstruct(
         data = srr(stacks, grid, config=config.srr, init=init, progress=progress)
     elif config.method in FIELD_METHODS:
         return fit(stacks, grid, config=config, progress=progress).volume
+    elif config.method == "gaussians":
+        from .representations.gaussians import fit_gaussians
+
+        return fit_gaussians(stacks, grid, config=config.gaussians, progress=progress).volume
     else:
         raise SlicefieldError(f"unknown method {config.method!r}", fix=f"use one of {', '.join(ALL_METHODS)}")
     return Volume(np.asarray(data, np.float32), grid.affine.copy())

@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from slicefield.representations.base import Box
+from slicefield.representations.gaussians import GaussianField, GaussiansConfig
 from slicefield.representations.hashgrid import HashGrid, HashGridConfig
 from slicefield.representations.irem import IREM, IREMConfig
 from slicefield.representations.planes import TriPlane, TriPlaneConfig
@@ -64,6 +65,8 @@ def count_parameters(module: nn.Module, *, trainable_only: bool = True) -> int:
 __all__ = [
     "REPRESENTATIONS",
     "Box",
+    "GaussianField",
+    "GaussiansConfig",
     "HashGrid",
     "HashGridConfig",
     "IREM",

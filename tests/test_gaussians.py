@@ -1,0 +1,207 @@
+"""3D Gaussians: the closed-form slice PSF against numerical integration and the forward operator, the protocol,
+densify/prune, and a fit to simulated stacks that beats bspline on the test phantom."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from slicefield.acquisition.operator import acquire
+from slicefield.acquisition.simulate import SimulationConfig, simulate
+from slicefield.metrics import evaluate, foreground_mask
+from slicefield.reconstruct import ReconstructConfig, reconstruct
+from slicefield.representations import count_parameters
+from slicefield.representations.gaussians import (
+    GaussianField,
+    GaussianFitConfig,
+    GaussiansConfig,
+    _densify,
+    fit_gaussians,
+    lattice_init,
+    psf_covariance_vox,
+    psf_covariance_world,
+    quaternion_to_matrix,
+    read_on_grid,
+    whitening,
+)
+from slicefield.volume import Stack, Volume
+
+
+def _one_gaussian(mean, scales, quat, amp=1.0, shape=(32, 32, 32)) -> GaussianField:
+    quat = np.asarray(quat, dtype=np.float32)
+    cfg = GaussiansConfig(count=0, grid_shape=shape, neighbours=4, acquire_neighbours=4, cutoff_vox=50.0,
+                          cutoff_sigmas=50.0)  # fmt: skip
+    return GaussianField.from_parameters(
+        torch.tensor([mean], dtype=torch.float32),
+        torch.tensor([scales], dtype=torch.float32),
+        torch.tensor([amp], dtype=torch.float32),
+        config=cfg,
+        quats=torch.from_numpy(quat[None]),
+    )
+
+
+def test_analytic_psf_matches_numerical_integration():
+    """y(p) = integral f(x) PSF(x - p) dx, by a Riemann sum on a 0.1-voxel lattice (relative error < 1e-3)."""
+    q = np.array([0.9, 0.2, -0.3, 0.25])
+    field = _one_gaussian([10.0, 11.0, 9.5], [1.5, 0.7, 1.1], q / np.linalg.norm(q), amp=2.0)
+    rot = quaternion_to_matrix(torch.tensor([[0.8, 0.1, 0.5, -0.3]])).numpy()[0]
+    psf = rot @ np.diag([0.4, 0.5, 2.2]) ** 2 @ rot.T  # an oblique slice PSF, voxels^2
+    p = np.array([11.0, 10.2, 10.5])
+    psf6 = torch.tensor([[psf[0, 0], psf[1, 1], psf[2, 2], psf[0, 1], psf[0, 2], psf[1, 2]]], dtype=torch.float32)
+    with torch.no_grad():
+        analytic = float(field.evaluate_vox(torch.tensor(p[None], dtype=torch.float32), psf6))
+        c6 = field.covariances()[0].double().numpy()
+    sigma = np.array([[c6[0], c6[3], c6[4]], [c6[3], c6[1], c6[5]], [c6[4], c6[5], c6[2]]])
+    mu = np.array([10.0, 11.0, 9.5])
+
+    h = 0.12  # independent formula: f(x) = a exp(-(x - mu)^T Sigma^-1 (x - mu) / 2), summed on a lattice
+    ax = np.arange(-8.0, 8.0 + h / 2, h)
+    x = np.stack(np.meshgrid(ax, ax, ax, indexing="ij"), -1).reshape(-1, 3) + p
+    e = x - mu
+    f = 2.0 * np.exp(-0.5 * np.einsum("na,ab,nb->n", e, np.linalg.inv(sigma), e))
+    d = x - p
+    w = np.exp(-0.5 * np.einsum("na,ab,nb->n", d, np.linalg.inv(psf), d)) / np.sqrt(
+        (2 * np.pi) ** 3 * np.linalg.det(psf)
+    )
+    numeric = float(np.sum(f * w) * h**3)
+    assert analytic == pytest.approx(numeric, rel=1e-3)
+
+
+def test_psf_covariance_of_an_axial_stack():
+    """Gaussian PSF: in-plane FWHM 1.2 x spacing, through-plane FWHM = thickness, along the slice axes."""
+    poses = np.tile(np.eye(4), (2, 1, 1))
+    poses[1, 2, 3] = 4.0
+    stack = Stack(np.zeros((2, 5, 6), np.float32), poses, spacing=(1.0, 2.0), thickness=4.0)
+    cov = psf_covariance_world(stack)
+    fwhm = 2.0 * np.sqrt(2.0 * np.log(2.0))
+    np.testing.assert_allclose(np.diag(cov[0]), (np.array([1.2, 2.4, 4.0]) / fwhm) ** 2, rtol=1e-6)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])  # 2 mm voxels: variances / 4 in voxels^2
+    np.testing.assert_allclose(psf_covariance_vox(stack, affine)[0, :3], np.diag(cov[0]) / 4.0, rtol=1e-6)
+    w = whitening(stack, affine, 0.0)  # a voxel step along z is 2 mm = 2 / sigma_z whitened units
+    np.testing.assert_allclose(np.abs(w @ [0, 0, 1.0]), [0, 0, 2.0 / (4.0 / fwhm)], rtol=1e-6, atol=1e-12)
+
+
+def test_closed_form_slices_match_the_forward_operator():
+    """The field read on a 0.5 mm grid and pushed through ``acquire`` (the simulator's quadrature, 0.25 mm lattice)
+    agrees with the closed-form slice values to 1.5 % of the peak (the residue: trilinear sampling and the simulator's
+    3-sigma PSF cut; measured 2026-11-23: 0.82 %)."""
+    field = _one_gaussian([15.0, 16.0, 14.0], [2.0, 1.2, 1.6], [0.95, 0.1, 0.2, 0.2], shape=(32, 32, 32))
+    field.config = GaussiansConfig(count=0, grid_shape=(32, 32, 32), neighbours=1, acquire_neighbours=1,
+                                   cutoff_vox=50.0, cutoff_sigmas=50.0)  # fmt: skip
+    fine = np.diag([0.5, 0.5, 0.5, 1.0])  # the field's voxel frame is world mm here (affine = identity)
+    ijk = np.indices((64, 64, 64)).reshape(3, -1).T.astype(np.float32) * 0.5
+    values = field.evaluate_vox(torch.from_numpy(ijk)).detach().numpy().reshape(64, 64, 64)
+    affine = np.eye(4)
+    vol = Volume(values[::2, ::2, ::2], affine)
+    stack = Stack.from_volume(vol, slice_axis=2)
+    idx = np.arange(4, 28, 3)
+    stack = Stack(stack.data[idx], stack.slice_to_world[idx], spacing=(1.0, 1.0), thickness=3.0)
+    numeric = acquire(values, fine, stack, step_mm=0.25)
+    sl, i, j = np.unravel_index(np.arange(stack.data.size), stack.data.shape)
+    loc = np.stack([i * 1.0, j * 1.0, np.zeros_like(i, float), np.ones_like(i, float)], -1)
+    vox = np.einsum("nab,nb->na", stack.slice_to_world[sl], loc)[:, :3].astype(np.float32)
+    cov = torch.from_numpy(psf_covariance_vox(stack, affine)[sl])
+    closed = field.acquire(torch.from_numpy(vox), cov, whitening(stack, affine, 1.0)).detach().numpy()
+    assert np.max(np.abs(closed - numeric.ravel())) < 0.015 * float(values.max())
+
+
+def test_protocol_and_state_round_trip():
+    model = GaussianField(GaussiansConfig(count=50, grid_shape=(8, 9, 10)))
+    u = torch.rand(20, 3) * 2 - 1
+    assert model(u).shape == (20,)
+    assert count_parameters(model) == 50 * 11
+    with torch.no_grad():
+        model.amplitudes.uniform_(0.5, 1.0)
+    other = GaussianField(GaussiansConfig(count=3, grid_shape=(8, 9, 10)))
+    other.load_state_dict(model.state_dict())  # the count comes from the state
+    torch.testing.assert_close(other(u), model(u))
+
+
+def test_lattice_reproduces_a_smooth_volume():
+    """Unit Gaussians on a lattice (std 0.6 x spacing) sum to a flat field: the initial amplitudes are right."""
+    vol = np.full((20, 20, 20), 0.7, np.float32)
+    means, scales, amps = lattice_init(vol, spacing_vox=1.5, sigma_ratio=0.6, threshold=0.01)
+    field = GaussianField.from_parameters(
+        torch.from_numpy(means), torch.from_numpy(scales), torch.from_numpy(amps),
+        config=GaussiansConfig(count=0, grid_shape=vol.shape),
+    )  # fmt: skip
+    inner = read_on_grid(field, vol.shape)[6:14, 6:14, 6:14]
+    np.testing.assert_allclose(inner, 0.7, rtol=0.02)
+
+
+def test_densify_splits_and_prunes():
+    means = torch.tensor([[5.0, 5, 5], [10, 10, 10], [15, 15, 15]])
+    field = GaussianField.from_parameters(
+        means, torch.tensor([[2.0, 1.0, 1.0]] * 3), torch.tensor([1.0, 0.0001, 0.5]),
+        config=GaussiansConfig(count=0, grid_shape=(20, 20, 20)),
+    )  # fmt: skip
+    cfg = GaussianFitConfig(densify_fraction=0.5, prune_amplitude=0.01)
+    n = _densify(field, torch.tensor([3.0, 9.0, 1.0]), cfg)
+    assert n == 3  # one pruned (faint), one split (largest gradient among the kept)
+    # the split one moves half a std (2 voxels along x) each way; its halves get 0.6 x the scales
+    np.testing.assert_allclose(field.means.detach().numpy(), [[4, 5, 5], [15, 15, 15], [6, 5, 5]], atol=1e-6)
+    np.testing.assert_allclose(field.scales().detach().numpy()[[0, 2], 0], [1.2, 1.2], rtol=1e-5)
+    np.testing.assert_allclose(field.amplitudes.detach().numpy(), [1.0, 0.5, 1.0])
+
+
+@pytest.fixture(scope="module")
+def small_phantom() -> Volume:
+    from conftest import brain_phantom
+
+    return brain_phantom(28)
+
+
+@pytest.fixture(scope="module")
+def phantom_stacks(small_phantom):
+    stacks, _ = simulate(small_phantom, SimulationConfig(thickness=4.0, noise=0.01, seed=1))
+    return stacks
+
+
+def test_gaussians_beat_bspline_on_the_phantom(small_phantom, phantom_stacks):
+    """Brain-masked PSNR on the 28^3 phantom, three orthogonal 4 mm stacks, 1 % noise. Measured 2026-11-23 on the
+    2-core CPU: bspline 25.95 dB, gaussians (20 steps of 2048 pixels) 32.87 dB, srr 35.02 dB.
+    Asserted: > bspline + 2 dB."""
+    phantom = small_phantom
+    grid = Volume(np.zeros(phantom.shape, np.float32), phantom.affine)
+    mask = foreground_mask(phantom.data)
+    base = reconstruct(phantom_stacks, grid, config=ReconstructConfig(method="bspline"))
+    cfg = ReconstructConfig(
+        method="gaussians", gaussians=GaussianFitConfig(steps=20, batch_pixels=2048, prior_points=512)
+    )
+    out = reconstruct(phantom_stacks, grid, config=cfg)
+    got = evaluate(phantom.data, out.data, mask=mask)["psnr_masked"]
+    ref = evaluate(phantom.data, base.data, mask=mask)["psnr_masked"]
+    print(f"PSNR gaussians {got:.2f} bspline {ref:.2f}")
+    assert got > ref + 2.0, (got, ref)
+
+
+def test_time_budget_and_densify_run(phantom_stacks, small_phantom):
+    grid = Volume(np.zeros(small_phantom.shape, np.float32), small_phantom.affine)
+    r = fit_gaussians(phantom_stacks, grid, config=GaussianFitConfig(steps=1000, time_budget_s=0.0))
+    assert r.stopped_by_budget and r.steps_done == 1
+    cfg = GaussianFitConfig(steps=9, densify_every=4, densify_until=1.0, batch_pixels=1024)
+    r = fit_gaussians(phantom_stacks, grid, config=cfg)
+    counts = [h["gaussians"] for h in r.history]
+    assert counts[4] != counts[0]  # densified (faint background Gaussians pruned, ~5 % of the rest split)
+    assert np.isfinite(r.volume.data).all()
+
+
+def test_cli_reconstruct_and_benchmark_with_gaussians(tmp_path, capsys):
+    from conftest import brain_phantom
+    from slicefield.cli import main
+    from slicefield.io import load_volume, save_volume
+
+    ref = save_volume(brain_phantom(20), tmp_path / "ref.nii.gz")
+    assert main(["-q", "simulate", str(ref), "--out-dir", str(tmp_path / "st"), "--thickness", "3"]) == 0
+    stacks = sorted(str(p) for p in (tmp_path / "st").glob("*.nii.gz"))
+    out = tmp_path / "g.nii.gz"
+    args = ["-q", "reconstruct", *stacks, "-o", str(out), "--method", "gaussians", "--steps", "3", "--like", str(ref)]
+    assert main(args) == 0
+    assert load_volume(out).shape == (20, 20, 20)
+    capsys.readouterr()
+    assert (
+        main(["-q", "benchmark", str(ref), "--methods", "bspline,gaussians", "--steps", "3", "--thickness", "3"]) == 0
+    )
+    table = capsys.readouterr().out
+    assert "| gaussians |" in table and "| bspline |" in table
