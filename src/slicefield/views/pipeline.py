@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from .cameras import Camera, OrbitConfig, orbit
 from .checks import check_cameras, check_volume_units, foreground_corners, needed_fov_mm
 from .fit import ViewFitConfig, fit_views, to_subject_grid, view_metrics
 from .io import read_views, write_views
-from .render import RenderConfig, render_volume
+from .render import RenderConfig, emission_scale, render_field, render_volume
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,27 @@ def plan_orbit(
     return cameras
 
 
+#: Grid spacing (mm) on which a fitted field is read to plan its orbit, and its ray step (mm) when not given.
+FIELD_PLAN_MM = 2.0
+FIELD_STEP_MM = 0.5
+
+
+def _fitted_field(path: str | Path):
+    """A fitted field's model file -> (the field read on a FIELD_PLAN_MM grid over its box, for planning the orbit;
+    the field as a callable of world mm; the box ``(lo, hi)`` world mm RAS outside which it is 0)."""
+    from ..fit.engine import load_model, sample_model
+    from .render import model_field
+
+    model, frame, scale = load_model(path)
+    corners = frame.world_corners()
+    lo, hi = corners.min(axis=0), corners.max(axis=0)
+    shape = tuple(int(n) for n in np.floor((hi - lo) / FIELD_PLAN_MM) + 1)
+    affine = np.diag([FIELD_PLAN_MM] * 3 + [1.0])
+    affine[:3, 3] = lo
+    planning = sample_model(model, frame, scale, Volume(np.zeros(shape, np.float32), affine))
+    return planning, model_field(model, frame, scale), (lo, hi)
+
+
 def render_orbit_folder(
     volume_path: str | Path,
     out_dir: str | Path,
@@ -66,12 +88,21 @@ def render_orbit_folder(
     bits: int = 16,
     gif: bool = True,
 ) -> Path:
-    """``slicefield render``: the orbit's views of a NIfTI volume, written as a views folder (see :mod:`.io`)."""
+    """``slicefield render``: the orbit's views of a NIfTI volume, or of a fitted field (a ``model.pt`` of
+    ``reconstruct --method inr``, read along the rays at world mm positions), written as a views folder (see
+    :mod:`.io`)."""
     orbit_config = orbit_config or OrbitConfig()
     render_config = render_config or RenderConfig()
-    volume = load_volume(volume_path)
-    cameras = plan_orbit(volume, orbit_config, center_mm=center_mm, path=volume_path)
-    images = render_volume(volume, cameras, render_config)
+    if str(volume_path).endswith(".pt"):
+        volume, field, bounds = _fitted_field(volume_path)
+        cameras = plan_orbit(volume, orbit_config, center_mm=center_mm, path=volume_path)
+        scale = render_config.scale if render_config.scale is not None else emission_scale(volume)
+        config = replace(render_config, scale=scale, step_mm=render_config.step_mm or FIELD_STEP_MM)
+        images = render_field(field, cameras, bounds_mm=bounds, config=config)
+    else:
+        volume = load_volume(volume_path)
+        cameras = plan_orbit(volume, orbit_config, center_mm=center_mm, path=volume_path)
+        images = render_volume(volume, cameras, render_config)
     units = {"drr": "intensity x mm (line integral)", "mip": "intensity", "emission": "dimensionless"}
     meta = {
         "subject": {"path": str(volume_path), "shape": list(volume.shape), "affine": volume.affine.tolist()},
