@@ -187,6 +187,19 @@ def test_single_view_reconstruction_fits_the_view_and_writes_a_volume(trained, p
     assert len(list((out / "views").glob("view_*.png"))) == 72
 
 
+def test_latent_prior_keeps_the_code_near_the_training_codes(trained):
+    from slicefield.nerf.train import SingleViewConfig, reconstruct_single_view
+
+    views = np.load(trained / "gan" / "views" / "phantom" / "views.npy")
+    distance = {}
+    for weight in (0.0, 10.0):
+        model = load_model(trained / "gan")
+        config = SingleViewConfig(steps=30, lr=0.1, latent_prior=weight, adversarial=0.0)
+        z, _ = reconstruct_single_view(model, views[3], 3, config=config)
+        distance[weight] = float((z - model.latents.mean(dim=0, keepdim=True)).norm())
+    assert distance[10.0] < 0.5 * distance[0.0]
+
+
 def test_single_view_needs_the_models_protocol(trained, tmp_path, capsys):
     from PIL import Image
 

@@ -1009,7 +1009,9 @@ def cmd_nerf(args: argparse.Namespace, reporter: Reporter) -> int:
     else:
         from .nerf.train import SingleViewConfig
 
-        config = SingleViewConfig(steps=args.steps, fine_tune=args.fine_tune, seed=args.seed)
+        config = SingleViewConfig(
+            steps=args.steps, fine_tune=args.fine_tune, latent_prior=args.latent_prior, seed=args.seed
+        )
         with reporter.steps() as step:
             metrics = pipeline.reconstruct_folder(
                 args.model_dir, args.single_view, args.out_dir, config=config, progress=step("latents")
@@ -1355,6 +1357,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-o", "--out-dir", required=True, help="folder: views/, volume.nii.gz, metrics.json")
     t.add_argument("--steps", type=int, default=200, help="optimisation steps")
     t.add_argument("--fine-tune", action="store_true", help="also fine-tune the field (second half of the steps)")
+    t.add_argument("--latent-prior", type=float, default=1e-5, help="pull of the code towards the training codes")
     t.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_nerf)
     return p
