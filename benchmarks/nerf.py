@@ -31,7 +31,7 @@ from slicefield.data import mni152_t1_path
 from slicefield.io import load_volume, save_volume
 from slicefield.nerf.pipeline import held_out_metrics, reconstruct_folder, render_subject, train_folder
 from slicefield.nerf.train import SingleViewConfig, load_model, preset, render_views
-from slicefield.synth.augment import apply_deformation, sample_deformation
+from slicefield.synth.augment import deform_image, sample_deformation
 
 
 def fid_kid(rendered: np.ndarray, truth: np.ndarray, model) -> dict:
@@ -88,7 +88,7 @@ def main() -> int:
     # held-out subjects: a new deformation of MNI152 (never trained on) and Colin27
     held_out = {}
     d = sample_deformation(np.random.default_rng(12345))
-    held_out["MNI152, new deformation"] = apply_deformation(mni, mni, d)[1]
+    held_out["MNI152, new deformation"] = deform_image(mni, d)
     if args.colin:
         held_out["Colin27 (real, unseen)"] = load_volume(args.colin)
     for k, (name, vol) in enumerate(held_out.items()):

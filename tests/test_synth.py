@@ -119,6 +119,8 @@ def test_deformation_moves_label_and_image_identically(pair):
     # another deformation disagrees much more with this one's labels
     other = augment.apply_deformation(labels, labels, augment.sample_deformation(np.random.default_rng(4)))[0]
     assert np.mean(other.data != lab.data) > 5 * np.mean(lab.data != np.round(img.data))
+    # the image-only path gives the same image
+    np.testing.assert_array_equal(augment.deform_image(labels, d).data, img.data)
 
 
 def test_sampling_then_applying_is_replayable(pair):

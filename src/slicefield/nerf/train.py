@@ -214,14 +214,14 @@ def training_views(n_views: int, every: int) -> tuple[list[int], list[int]]:
 
 def augmented(cubes: list[CubeVolume], *, n: int, seed: int) -> list[CubeVolume]:
     """``n`` deformed copies of each subject (affine + elastic + intensity, sampled then applied), in the cube."""
-    from ..synth.augment import apply_deformation, sample_deformation
+    from ..synth.augment import deform_image, sample_deformation
 
     rng = np.random.default_rng(seed)
     out = []
     for cube in cubes:
         for k in range(n):
             d = sample_deformation(rng)
-            _, image = apply_deformation(cube.volume, cube.volume, d)
+            image = deform_image(cube.volume, d)
             data = np.clip(image.data, 0.0, None)
             out.append(CubeVolume(f"{cube.name}_aug{k:03d}", Volume(data, image.affine), cube.canonical_to_subject))
     return out

@@ -149,12 +149,21 @@ def apply_deformation(labels: Volume, image: Volume, d: Deformation) -> tuple[Vo
         raise ValueError("labels and image must share a grid")
     coords = source_voxels(labels.shape, labels.affine, d)
     lab = ndimage.map_coordinates(labels.data, coords, order=0, mode="constant", cval=0.0)
+    return Volume(lab.astype(np.float32), labels.affine.copy()), _deform_image(image, d, coords)
+
+
+def deform_image(image: Volume, d: Deformation) -> Volume:
+    """The image half of :func:`apply_deformation`, for an image without a label map (same result)."""
+    return _deform_image(image, d, source_voxels(image.shape, image.affine, d))
+
+
+def _deform_image(image: Volume, d: Deformation, coords: np.ndarray) -> Volume:
     img = ndimage.map_coordinates(image.data, coords, order=1, mode="constant", cval=0.0)
     top = float(image.data.max())
     if top > 0:
         img = np.clip(img / top, 0.0, None) ** d.gamma * top
-    img = img * d.gain * np.exp(_upsample(np.asarray(d.bias), labels.shape))
-    return Volume(lab.astype(np.float32), labels.affine.copy()), Volume(img.astype(np.float32), image.affine.copy())
+    img = img * d.gain * np.exp(_upsample(np.asarray(d.bias), image.shape))
+    return Volume(img.astype(np.float32), image.affine.copy())
 
 
 def population(
