@@ -246,6 +246,20 @@ def test_resume_continues_from_the_checkpoint(trained, tmp_path):
     assert int(torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)["iteration"]) == 40
 
 
+def test_training_on_bad_input_says_why_and_writes_nothing(tmp_path, capsys):
+    from slicefield.cli import main
+
+    (tmp_path / "empty").mkdir()
+    assert main(["-q", "nerf", "train", str(tmp_path / "empty"), "--out-dir", str(tmp_path / "gan")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds no NIfTI volumes" in err and "empty" in err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "broken.nii.gz").write_bytes(b"not a nifti")
+    assert main(["-q", "nerf", "train", str(tmp_path / "bad"), "--out-dir", str(tmp_path / "gan")]) == 2
+    assert "broken.nii.gz" in capsys.readouterr().err
+    assert not (tmp_path / "gan").exists()
+
+
 def test_brats_layout_picks_one_modality(tmp_path):
     from slicefield.nerf.train import find_subjects
 

@@ -122,11 +122,11 @@ def train_folder(
     and write the model folder (module docstring). With ``register``, every subject after the first is rigidly
     registered to the first (the reference, kept as ``reference.nii.gz`` for ``render_subject``). Returns the
     metrics."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     files = find_subjects(subjects_dir, modality=modality)
-    volumes = [load_volume(f) for f in files]
+    volumes = [load_volume(f) for f in files]  # bad input stops here, before anything is written
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     cube_mm = cube_size_mm(volumes)
     real: list[CubeVolume] = []
     for f, v in zip(files, volumes, strict=True):
