@@ -172,18 +172,70 @@ def test_cli_validate_writes_run_dir_and_prints_table(
     assert "| 1 | srr |" in out and "| 2 | bspline |" in out
 
 
-def test_cli_validate_one_stack_is_one_line_exit_2(stacks, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_validate_one_stack_leave_one_out_is_one_line_exit_2(
+    stacks, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = save_stack(stacks[0], tmp_path / "only.nii.gz")
     capsys.readouterr()
-    rc = main(["validate", str(path), "--run-dir", str(tmp_path / "val")])
+    rc = main(["validate", str(path), "--mode", "stacks", "--run-dir", str(tmp_path / "val")])
     out, err = capsys.readouterr()
     assert rc == 2 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("slicefield: error:") and "at least 2 stacks" in lines[0]
+    assert "--mode slices" in lines[0]
     assert not (tmp_path / "val").exists()
+
+
+def test_one_stack_holds_out_slice_groups_and_ranks_the_truth_first(
+    stacks, phantom: Volume, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A single thick stack: each fold keeps every other slice and predicts the ones in between.
+    axial = stacks[0]
+    folds = make_folds([axial], mode="auto", slice_groups=2)
+    assert len(folds) == 2
+    for fold in folds:
+        kept = np.concatenate([t.meta["slices"] for t in fold.train])
+        assert np.intersect1d(kept, fold.slices).size == 0
+        assert np.union1d(kept, fold.slices).size == axial.n_slices
+    # "srr" answers with the truth, "bspline" with a blurred truth: the ranking must follow.
+    blurred = phantom.with_data(ndimage.gaussian_filter(phantom.data, 2.0))
+
+    def oracle(train, g, *, config, progress=None):
+        assert all(t.meta.get("slices_of") == axial.name for t in train)
+        return phantom if config.method == "srr" else blurred
+
+    monkeypatch.setattr(validate_mod, "reconstruct", oracle)
+    grid = phantom.with_data(np.zeros(phantom.shape, np.float32))
+    result = leave_one_out([axial], methods=["bspline", "srr"], grid=grid, config=ValidateConfig(residuals=False))
+    assert result.mode == "slices" and len(result.scores) == 4
+    assert [r["method"] for r in result.summary] == ["srr", "bspline"]
 
 
 def test_format_table_ranks_methods(stacks, grid) -> None:
     result = leave_one_out(stacks, methods=["bspline"], grid=grid, config=ValidateConfig(residuals=False))
     text = format_table(result)
     assert "| 1 | bspline |" in text and "±" in text and "3 folds" in text
+
+
+def test_leads_below_the_threshold_or_not_won_everywhere_are_ties() -> None:
+    # Per-fold held-out PSNR brain of three methods over three folds: a beats b clearly, b beats c by 0.1 dB.
+    psnr = {"a": [30.0, 31.0, 30.5], "b": [29.0, 29.5, 29.0], "c": [28.9, 29.4, 28.9]}
+    scores = [
+        {"method": m, "fold": f, **{k: v for k in validate_mod.SUMMARY_METRICS}}
+        for m, values in psnr.items()
+        for f, v in enumerate(values)
+    ]
+    rows = validate_mod._summarise(list(psnr), scores, {}, {})
+    by = {r["method"]: r for r in rows}
+    assert [r["method"] for r in rows] == ["a", "b", "c"]
+    assert by["a"]["lead_db"] == pytest.approx(1.333, abs=1e-3) and by["a"]["lead_folds"] == 3
+    assert by["a"]["tie"] is False and by["b"]["tie"] is True and by["c"]["tie"] is None
+    # A 0.5 dB mean lead that loses two folds of three is a tie too.
+    psnr["b"] = [34.5, 29.5, 29.0]
+    scores = [
+        {"method": m, "fold": f, **{k: v for k in validate_mod.SUMMARY_METRICS}}
+        for m, values in psnr.items()
+        for f, v in enumerate(values)
+    ]
+    rows = validate_mod._summarise(list(psnr), scores, {}, {})
+    assert rows[0]["method"] == "b" and rows[0]["tie"] is True and rows[0]["lead_folds"] == 1

@@ -260,6 +260,7 @@ def cmd_simulate(args: argparse.Namespace, reporter: Reporter) -> int:
 
 def cmd_reconstruct(args: argparse.Namespace, reporter: Reporter) -> int:
     from contextlib import nullcontext
+    from dataclasses import replace
 
     from .io import check_output_path, save_volume
     from .io.atomic import atomic_write
@@ -278,9 +279,13 @@ def cmd_reconstruct(args: argparse.Namespace, reporter: Reporter) -> int:
         raise SlicefieldError("--resume and --checkpoint name different folders", fix="name one folder")
     checkpoint = args.resume or args.checkpoint
     motion = _motion_config(args)  # None unless --motion, --reject-outliers or --bias-field asks for it
+    prior = _prior(args, motion)  # None unless --prior; read and checked before the stacks
+    prior_config = _prior_config(args) if prior is not None else None
     stacks = _stacks(args)
     grid = _grid(args, stacks)
     config = _reconstruct_config(args, method=args.method, checkpoint=checkpoint, resume=bool(args.resume))
+    if prior_config is not None:
+        config = replace(config, prior=prior_config)
     field_cfg = config.irem if args.method == "irem" else config.inr
     run_dir = _open_run_dir(args, kind="reconstruct", stacks=stacks, grid=grid, config=config) if args.run_dir else None
     reporter.info(f"reconstructing {len(stacks)} stacks on a {grid.shape} grid with {args.method}")
@@ -289,7 +294,7 @@ def cmd_reconstruct(args: argparse.Namespace, reporter: Reporter) -> int:
             motion_result = _reconstruct_with_motion(stacks, grid, args, config, motion, reporter, cb)
             out, stacks = motion_result.volume, motion_result.stacks  # residuals below use the corrected poses
         elif args.method in FIELD_METHODS:
-            result = fit(stacks, grid, config=config, progress=cb)
+            result = fit(stacks, grid, config=config, progress=cb, prior=prior, prior_name=str(args.prior))
             out = result.volume
         else:
             out = reconstruct(stacks, grid, config=config, progress=cb)
@@ -337,6 +342,50 @@ def cmd_reconstruct(args: argparse.Namespace, reporter: Reporter) -> int:
             )
             _finish_run_dir(run_dir, reporter)
     return 0
+
+
+def _prior(args: argparse.Namespace, motion):
+    """The ``--prior`` volume (None without it), checked: method inr, no motion correction, a readable 3D image
+    with contrast."""
+    if args.prior is None:
+        return None
+    from .fit.prior import check_prior_volume
+    from .io import load_volume
+
+    if args.method != "inr":
+        raise SlicefieldError(f"--prior works with --method inr, not {args.method}", fix="add --method inr")
+    if motion is not None:
+        raise SlicefieldError(
+            "--prior cannot be combined with motion correction yet",
+            fix="align the stacks first (slicefield register), then reconstruct with --prior",
+        )
+    prior = load_volume(args.prior, use_qform=args.use_qform)  # names the file, the problem and the fix
+    check_prior_volume(prior, name=args.prior)
+    return prior
+
+
+def _prior_config(args: argparse.Namespace):
+    """The PriorConfig of ``--prior-registration``, ``--prior-deformable`` and ``--prior-weight``."""
+    import math
+    from dataclasses import replace
+
+    from .fit.prior import PriorConfig
+
+    base = PriorConfig()
+    weight = base.pull_weight if args.prior_weight is None else args.prior_weight  # None: automatic
+    if weight is not None and not (math.isfinite(weight) and weight >= 0):
+        raise SlicefieldError(f"--prior-weight must be >= 0, got {weight:g}", fix="pass e.g. --prior-weight 0.1")
+    deformable = base.deformable_mm if args.prior_deformable is None else args.prior_deformable
+    if deformable is not None and not (math.isfinite(deformable) and deformable >= 0):
+        raise SlicefieldError(
+            f"--prior-deformable must be >= 0 mm, got {deformable:g}", fix="pass e.g. 40, or 0 for none"
+        )
+    return replace(
+        base,
+        registration=args.prior_registration,
+        pull_weight=weight,
+        deformable_mm=None if not deformable or args.prior_registration == "none" else deformable,
+    )
 
 
 def _motion_config(args: argparse.Namespace):
@@ -605,15 +654,17 @@ def cmd_demo(args: argparse.Namespace, reporter: Reporter) -> int:
 def cmd_validate(args: argparse.Namespace, reporter: Reporter) -> int:
     from .report import write_report
     from .runs import RunDir, to_jsonable
-    from .validate import MIN_STACKS, VALIDATION_CAPTION, ValidateConfig, format_table, leave_one_out, save_validation
+    from .validate import (
+        VALIDATION_CAPTION,
+        ValidateConfig,
+        format_table,
+        leave_one_out,
+        resolve_mode,
+        save_validation,
+    )
 
     # Option checks first: a bad one fails in a second, before stacks are read or anything is reconstructed.
-    if len(args.stacks) < MIN_STACKS:
-        raise SlicefieldError(
-            f"validate needs at least {MIN_STACKS} stacks, got {len(args.stacks)}: it predicts slices that a "
-            "reconstruction did not see (leave one stack out with 3 or more, one slice group out with 2)",
-            fix="pass two or more stacks of the same subject",
-        )
+    resolve_mode(len(args.stacks), args.mode)
     methods = _methods(args.methods)
     if args.slice_groups < 2:
         raise SlicefieldError(f"--slice-groups must be at least 2, got {args.slice_groups}", fix="pass e.g. 2")
@@ -639,6 +690,13 @@ def cmd_validate(args: argparse.Namespace, reporter: Reporter) -> int:
             caption=VALIDATION_CAPTION,
         )
     print(format_table(result))
+    for above, below in zip(result.summary, result.summary[1:], strict=False):
+        if above["tie"]:
+            reporter.info(
+                f"{above['method']} and {below['method']} are tied (lead {above['lead_db']:+.2f} dB, ahead in "
+                f"{above['lead_folds']}/{above['folds']} folds): held-out slices cannot tell them apart (they do "
+                "not see detail finer than their slice profile); prefer the cheaper one (benchmarks/VALIDATION.md)"
+            )
     for method, rep in result.residuals.items():
         if rep.flagged:
             listed = ", ".join(f"{n}[{i}]" for n, i in rep.flagged)
@@ -1130,6 +1188,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reference-stack", type=int, default=0, help="--motion: index of the stack others align to")
     s.add_argument("--reject-outliers", action="store_true", help="leave out slices whose residual is out of line")
     s.add_argument("--bias-field", action="store_true", help="N4 bias-field correction of each stack first")
+    s.add_argument(
+        "--prior",
+        metavar="NIFTI",
+        help="inr: prior volume (a template such as MNI152, or an earlier scan of the subject): registered to the "
+        "stacks, intensity-matched, the field's starting point and (--prior-weight) a pull",
+    )
+    s.add_argument(
+        "--prior-registration",
+        choices=("affine", "rigid", "none"),
+        default="affine",
+        help="--prior: affine (a template), rigid (an earlier scan of the same subject), none (already aligned)",
+    )
+    s.add_argument(
+        "--prior-deformable",
+        type=float,
+        metavar="MM",
+        help="--prior: B-spline control spacing of the deformable refinement (0: none; default: PriorConfig's)",
+    )
+    s.add_argument(
+        "--prior-weight",
+        type=float,
+        help="--prior: weight of the robust pull towards it (0: initialise only; default: from how well it predicts "
+        "the slices)",
+    )
     s.set_defaults(func=cmd_reconstruct)
 
     s = sub.add_parser("register", help="rigidly align stacks to a reference stack (headers rewritten, data kept)")

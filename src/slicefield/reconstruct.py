@@ -11,6 +11,7 @@ from .baselines.bspline import bspline_average
 from .baselines.srr import SRRConfig, srr
 from .errors import SlicefieldError
 from .fit.engine import FitConfig, FitResult
+from .fit.prior import PriorConfig
 from .representations.gaussians import GaussianFitConfig
 from .volume import Stack, Volume
 
@@ -42,6 +43,8 @@ class ReconstructConfig:
     """Field methods: folder for checkpoints (and resume)."""
     resume: bool = False
     """Field methods: continue from the checkpoint in checkpoint_dir."""
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    """inr with a prior volume: how it is registered, intensity-matched and weighted (:mod:`slicefield.fit.prior`)."""
 
 
 #: IREM as published: Fourier features + 18-layer MLP, Adam lr 1e-4 halved every 500 epochs, mini-batch 2500,
@@ -65,17 +68,24 @@ def reconstruct(
     *,
     config: ReconstructConfig = ReconstructConfig(),
     progress: ProgressFn | None = None,
+    prior: Volume | None = None,
+    prior_name: str = "prior",
 ) -> Volume:
-    """Reconstruct a volume on ``grid`` (its shape and voxel -> world mm RAS affine) from ``stacks``."""
+    """Reconstruct a volume on ``grid`` (its shape and voxel -> world mm RAS affine) from ``stacks``.
+
+    prior: method inr only: a prior volume (own grid, voxel -> world mm RAS affine; a template or an earlier scan)
+    that the field starts from (prior embedding, see :mod:`slicefield.fit.prior`); prior_name: its name in errors.
+    """
     if not stacks:
         raise SlicefieldError("no stacks to reconstruct from", fix="pass at least one stack")
+    _check_prior_method(config.method, prior)
     if config.method == "bspline":
         data = bspline_average(stacks, grid, progress=progress)
     elif config.method == "srr":
         init = bspline_average(stacks, grid)
         data = srr(stacks, grid, config=config.srr, init=init, progress=progress)
     elif config.method in FIELD_METHODS:
-        return fit(stacks, grid, config=config, progress=progress).volume
+        return fit(stacks, grid, config=config, progress=progress, prior=prior, prior_name=prior_name).volume
     elif config.method == "gaussians":
         from .representations.gaussians import fit_gaussians
 
@@ -85,11 +95,27 @@ def reconstruct(
     return Volume(np.asarray(data, np.float32), grid.affine.copy())
 
 
+def _check_prior_method(method: str, prior: Volume | None) -> None:
+    if prior is not None and method != "inr":
+        raise SlicefieldError(f"a prior volume works with method inr, not {method}", fix="use --method inr")
+
+
 def fit(
-    stacks: list[Stack], grid: Volume, *, config: ReconstructConfig, progress: ProgressFn | None = None
+    stacks: list[Stack],
+    grid: Volume,
+    *,
+    config: ReconstructConfig,
+    progress: ProgressFn | None = None,
+    prior: Volume | None = None,
+    prior_name: str = "prior",
 ) -> FitResult:
-    """Fit the field of a field method (``config.method`` in FIELD_METHODS) and read it on ``grid``."""
+    """Fit the field of a field method (``config.method`` in FIELD_METHODS) and read it on ``grid``.
+
+    prior, prior_name: as for :func:`reconstruct` (method inr only).
+    """
     from .fit.engine import fit_field
+
+    _check_prior_method(config.method, prior)
 
     return fit_field(
         stacks,
@@ -98,4 +124,7 @@ def fit(
         checkpoint_dir=config.checkpoint_dir,
         resume=config.resume,
         progress=progress,
+        prior=prior,
+        prior_config=config.prior,
+        prior_name=prior_name,
     )

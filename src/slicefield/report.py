@@ -51,6 +51,8 @@ EXTRA_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("flagged_slices", "flagged slices", "{}"),
     ("steps", "fit steps", "{}"),
     ("final_loss", "final loss", "{:.4g}"),
+    ("lead_db", "held-out lead over next dB", "{:+.2f}"),
+    ("tie", "tied with next", "{}"),
 )
 
 _STYLE = (

@@ -39,6 +39,7 @@ from ..representations import build_representation, default_config
 from ..representations.base import GridFrame
 from ..volume import Stack, Volume
 from .objective import GridObjective
+from .prior import PriorConfig, PriorEmbedding, PriorPull, auto_pull_weight, embed_prior
 
 log = logging.getLogger(__name__)
 
@@ -245,11 +246,18 @@ def fit_field(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    prior: Volume | None = None,
+    prior_config: PriorConfig | None = None,
+    prior_name: str = "prior",
 ) -> FitResult:
     """Fit a field to ``stacks`` and read it on ``grid`` (shape + voxel -> world mm RAS affine).
 
     checkpoint_dir: folder for ``checkpoint.pt`` (written every ``checkpoint_every`` steps and at the end);
     resume: continue from the checkpoint there (same config, else an error).
+    prior: a prior volume (own grid and voxel -> world mm RAS affine) embedded by
+    :func:`~slicefield.fit.prior.embed_prior` with ``prior_config`` (None: the defaults): the field starts from it
+    instead of the warm start, and (grid mode, pull weight > 0) is pulled towards it.
+    prior_name: how errors name the prior.
     """
     t0 = time.perf_counter()  # the time budget counts everything: warm start, operators and steps
     device = resolve_device(config.device)
@@ -301,12 +309,16 @@ def fit_field(
     operators = None
     warm = config.warm_start if config.warm_start != "auto" else ("srr" if device.type == "cpu" else "bspline")
     n_steps = config.steps if config.steps is not None else (200 if device.type == "cpu" else 600)
-    if config.mode == "grid" or warm == "srr":
+    if config.mode == "grid" or warm == "srr" or prior is not None:
         from ..acquisition.operator import StackOperator
 
         operators = [StackOperator(s, grid.shape, grid.affine) for s in stacks]
-    if not resume and warm != "none":
-        init = _warm_start(stacks, grid, warm, operators) / scale
+    embedding: PriorEmbedding | None = None
+    if prior is not None:
+        prior_config = prior_config or PriorConfig()
+        embedding = embed_prior(prior, stacks, grid, config=prior_config, operators=operators, name=prior_name)
+    if not resume and (warm != "none" or embedding is not None):
+        init = (embedding.values if embedding is not None else _warm_start(stacks, grid, warm, operators)) / scale
         if voxel_field:
             with torch.no_grad():
                 model.values.copy_(torch.from_numpy(init.astype(np.float32)))
@@ -341,6 +353,13 @@ def fit_field(
         sampler = _SliceSampler(stacks, scale)
     else:
         raise SlicefieldError(f"unknown fit mode {config.mode!r}", fix="use grid or slices")
+    pull = None
+    if embedding is not None and objective is not None:
+        pull_weight = auto_pull_weight(embedding) if prior_config.pull_weight is None else prior_config.pull_weight
+        log.info("prior pull weight %.4g", pull_weight)
+        if pull_weight > 0:
+            anchor = torch.from_numpy(embedding.values / np.float32(scale)).to(device)
+            pull = PriorPull(anchor, weight=pull_weight, n=objective.n, delta=prior_config.pull_delta)
 
     step = start_step
     stopped = False
@@ -354,18 +373,24 @@ def fit_field(
             opt.zero_grad()
             w = None if aux is None else aux.detach()
             if voxel_field:
-                data, prior, g, gw = objective.value_and_grad(model.values.detach(), w)
+                data, reg, g, gw = objective.value_and_grad(model.values.detach(), w)
+                if pull is not None:
+                    pull_value, pull_grad = pull.value_and_grad(model.values.detach())
+                    reg, g = reg + pull_value, g + pull_grad
                 model.values.grad = g.to(model.values.dtype)
             else:
                 x = evaluate_on(model, u_grid, device).reshape(grid.shape).to(device)
-                data, prior, g, gw = objective.value_and_grad(x, w)
+                data, reg, g, gw = objective.value_and_grad(x, w)
+                if pull is not None:
+                    pull_value, pull_grad = pull.value_and_grad(x)
+                    reg, g = reg + pull_value, g + pull_grad
                 g = g.reshape(-1)
                 for i in range(0, n_vox, config.batch_voxels):  # exact gradient, back-propagated chunk by chunk
                     f = model(u_grid[i : i + config.batch_voxels].to(device))
                     (f * g[i : i + config.batch_voxels]).sum().backward()
             if aux is not None:
                 aux.grad = gw
-            loss = data + prior
+            loss = data + reg
         else:
             pts, vals = sampler.batch(rng, config.batch_pixels, config.psf_samples)
             pred = model(frame.normalise(pts).to(device)).reshape(config.batch_pixels, config.psf_samples).mean(1)
@@ -373,9 +398,9 @@ def fit_field(
             opt.zero_grad()
             loss_t.backward()
             loss = data = float(loss_t.detach())
-            prior = 0.0
+            reg = 0.0
         opt.step()
-        history.append({"step": step + 1, "loss": loss, "data": data, "prior": prior})
+        history.append({"step": step + 1, "loss": loss, "data": data, "prior": reg})
         elapsed = elapsed_before + time.perf_counter() - t0
         if progress is not None:
             progress(step + 1, _expected_steps(config, n_steps, step + 1 - start_step, step + 1, elapsed, t_loop))
