@@ -1,15 +1,17 @@
 """Every representation on every task, one table per task (issue 7), produced by one command in one run.
 
-Usage (about 20 minutes on the shared 2-core CPU)::
+Usage (about 25 minutes on the shared 2-core CPU)::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/representations_table.py ../shared/data/ch2bet.nii.gz \
         --json benchmarks/results/representations_table.json
 
-``--budget S`` sets the time budget of every fitted representation (default 60 s); ``--quick`` is a smoke run
-(a 48^3 crop at 4 mm, 5 s budgets, small view renders).
+``--budget S`` sets the time budget of every fitted representation (default 45 s, chosen so that the whole run
+fits in about 25 minutes); ``--tasks stacks`` or ``--tasks views`` runs one task; ``--quick`` is a smoke run (a
+48^3 crop at 4 mm, 5 s budgets, small view renders).
 
 Truth: the volume (Colin27 skull-stripped, 1 mm) downsampled to 2 mm (Gaussian, sigma 1 voxel, then every 2nd
-voxel; as ``benchmarks/validate_ranking.py``), negatives clipped, so that neural fields are feasible on a CPU.
+voxel; as ``benchmarks/validate_ranking.py``), negatives clipped, then cropped to the bounding box of the
+voxels above zero plus 3 voxels (Colin27: 82 x 100 x 83 voxels), so that neural fields are feasible on a CPU.
 
 Task ``stacks x4`` / ``stacks x8``: three orthogonal stacks (axial, coronal, sagittal) simulated by
 :func:`slicefield.acquisition.simulate.simulate` with slice thickness 4x / 8x the 2 mm voxel (8 mm / 16 mm),
@@ -303,7 +305,11 @@ def main(argv: list[str] | None = None) -> int:
                 "budget_s": budget,
                 "total_s": time.perf_counter() - start,
                 "tables": tables,
-                "environment": {**env, "load_avg": os.getloadavg(), "utc": datetime.now(UTC).isoformat("seconds")},
+                "environment": {
+                    **env,
+                    "load_avg": os.getloadavg(),
+                    "utc": datetime.now(UTC).isoformat(timespec="seconds"),
+                },
             }
             Path(args.json).write_text(json.dumps(to_jsonable(doc), indent=1) + "\n")
 

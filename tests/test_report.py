@@ -182,6 +182,9 @@ def test_reconstruct_run_dir_without_output(phantom: Volume, tmp_path: Path, cap
     assert NO_REFERENCE_CAPTION in html and "PSNR" not in html  # no reference: no accuracy columns
     assert "id='difference_maps'" not in html
     assert "id='residuals'" in html and "id='loss_curves'" in html
+    # what the console shows (here silenced by -q) is kept in the run's log
+    log_text = (run / "log.txt").read_text()
+    assert "reconstructing 3 stacks" in log_text and "inr: 3/3" in log_text
     # neither -o nor --run-dir: one actionable line, exit 2
     capsys.readouterr()
     assert main(["-q", "reconstruct", str(paths[0])]) == 2

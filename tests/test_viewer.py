@@ -187,7 +187,8 @@ def test_cli_view_serves_until_ctrl_c(files: dict[str, Path]) -> None:
         with urllib.request.urlopen(url + "volumes.json", timeout=10) as resp:
             assert json.loads(resp.read())["volumes"][0]["name"] == "hr.nii.gz"
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=10) == 0
+        # a liveness bound, not a speed target: on a CI machine shared with other jobs the stop once took > 10 s
+        assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

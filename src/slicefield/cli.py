@@ -16,6 +16,17 @@ from pathlib import Path
 from .errors import SlicefieldError
 
 log = logging.getLogger("slicefield")
+#: What the Reporter shows on the console, also logged: a run directory's log.txt records it (see RunDir), and
+#: the console handler set up in :func:`main` drops it so that it is not shown twice.
+console_log = logging.getLogger("slicefield.console")
+
+
+class _NotConsole(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name != console_log.name
+
+
+_NOT_CONSOLE = _NotConsole()
 
 
 # ----------------------------------------------------------------------------------------------- progress
@@ -29,6 +40,7 @@ class Reporter:
 
     def info(self, message: str) -> None:
         self.console.print(message)
+        console_log.info(message)
 
     def _line_step(self, name: str) -> Callable[[int, int], None]:
         """Progress as plain lines (for logs and pipes): one line per tenth done, with elapsed time and ETA."""
@@ -44,7 +56,9 @@ class Reporter:
             shown[0] = tenth
             elapsed = time.perf_counter() - start
             eta = elapsed / done * (total - done) if done else float("nan")
-            self.console.print(f"{name}: {done}/{total} ({10 * tenth}%) {elapsed:.0f} s, eta {eta:.0f} s")
+            line = f"{name}: {done}/{total} ({10 * tenth}%) {elapsed:.0f} s, eta {eta:.0f} s"
+            self.console.print(line)
+            console_log.info(line)
 
         return update
 
@@ -54,6 +68,8 @@ class Reporter:
 
         On a terminal: live bars with ETA (rich). Otherwise (a log, a pipe): a line per tenth of each step.
         """
+        import time
+
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
         if not self.console.is_terminal:
@@ -72,7 +88,14 @@ class Reporter:
 
             def step(name: str) -> Callable[[int, int], None]:
                 tid = bar.add_task(name, total=None)
-                return lambda done, total: bar.update(tid, completed=done, total=total)
+                start = time.perf_counter()
+
+                def update(done: int, total: int) -> None:
+                    bar.update(tid, completed=done, total=total)
+                    if done == total:
+                        console_log.info(f"{name}: {done}/{total} in {time.perf_counter() - start:.0f} s")
+
+                return update
 
             yield step
 
@@ -288,8 +311,8 @@ def cmd_reconstruct(args: argparse.Namespace, reporter: Reporter) -> int:
         config = replace(config, prior=prior_config)
     field_cfg = config.irem if args.method == "irem" else config.inr
     run_dir = _open_run_dir(args, kind="reconstruct", stacks=stacks, grid=grid, config=config) if args.run_dir else None
-    reporter.info(f"reconstructing {len(stacks)} stacks on a {grid.shape} grid with {args.method}")
     with run_dir if run_dir is not None else nullcontext(), Timer() as timer, reporter.task(args.method) as cb:
+        reporter.info(f"reconstructing {len(stacks)} stacks on a {grid.shape} grid with {args.method}")
         if motion is not None:
             motion_result = _reconstruct_with_motion(stacks, grid, args, config, motion, reporter, cb)
             out, stacks = motion_result.volume, motion_result.stacks  # residuals below use the corrected poses
@@ -1450,6 +1473,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_NOT_CONSOLE)
     try:
         reporter = Reporter(quiet=args.quiet)
         return int(args.func(args, reporter) or 0)
