@@ -133,9 +133,7 @@ def _warm_up() -> None:
     truth = Volume(np.zeros((12, 12, 12), np.float32), np.eye(4))
     truth.data[3:9, 3:9, 3:9] = 1.0
     stacks, _ = simulate(truth, SimulationConfig(orientations=ORTHOGONAL, thickness=2.0, noise=0.0))
-    for rep in ("voxel", "hashgrid"):
-        fit(stacks, truth, config=ReconstructConfig(method="inr", inr=FitConfig(representation=rep, steps=2)))
-    fit(stacks, truth, config=ReconstructConfig(method="irem", irem=replace(IREM_FIT, steps=2, batch_pixels=64)))
+    fit(stacks, truth, config=ReconstructConfig(method="inr", inr=FitConfig(steps=2)))
     fit_gaussians(stacks, truth, config=GaussianFitConfig(steps=2))
 
 
@@ -301,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                 "command": sys.argv,
                 "truth_shape": list(truth.shape),
                 "voxel_mm": voxel_mm,
-                "crop": crop,
+                "crop_voxels_of_downsampled": [[b.start, b.stop] for b in crop],
                 "budget_s": budget,
                 "total_s": time.perf_counter() - start,
                 "tables": tables,
