@@ -91,15 +91,19 @@ def _warm_up(methods: list[str]) -> None:
         reconstruct(stacks, truth, config=ReconstructConfig(method=m))
 
 
-def run_case(case: Case, methods: list[str]) -> dict:
+def _setup(case: Case) -> tuple[Volume, list, Volume, np.ndarray]:
+    """The case's truth (downsampled, clipped at 0), its simulated stacks, the truth's empty grid, its brain mask."""
     truth = _downsample(load_volume(case.path), case.factor)
     truth = truth.with_data(np.clip(truth.data, 0, None))
     config = SimulationConfig(
         orientations=case.orientations, thickness=case.thickness, noise=case.noise, seed=case.seed
     )
     stacks, _ = simulate(truth, config)
-    grid = Volume(np.zeros(truth.shape, np.float32), truth.affine)
-    mask = foreground_mask(truth.data)
+    return truth, stacks, Volume(np.zeros(truth.shape, np.float32), truth.affine), foreground_mask(truth.data)
+
+
+def run_case(case: Case, methods: list[str]) -> dict:
+    truth, stacks, grid, mask = _setup(case)
     true_psnr, single_s = {}, {}
     for m in methods:
         t0 = time.perf_counter()
@@ -187,14 +191,7 @@ def blind_check(case: Case, methods: list[str]) -> None:
     held-out stack's own acquisition model (against the noise-free held-out stack) and in 3D inside the brain."""
     from slicefield.acquisition.operator import StackOperator
 
-    truth = _downsample(load_volume(case.path), case.factor)
-    truth = truth.with_data(np.clip(truth.data, 0, None))
-    config = SimulationConfig(
-        orientations=case.orientations, thickness=case.thickness, noise=case.noise, seed=case.seed
-    )
-    stacks, _ = simulate(truth, config)
-    grid = Volume(np.zeros(truth.shape, np.float32), truth.affine)
-    mask = foreground_mask(truth.data)
+    truth, stacks, grid, mask = _setup(case)
     print(
         "| fold | held-out noise RMS | " + " | ".join(f"{m}: error RMS after the held-out PSF / in 3D" for m in methods)
     )
