@@ -22,7 +22,7 @@ from nibabel.orientations import (
 from slicefield.acquisition.operator import StackOperator
 from slicefield.acquisition.simulate import SimulationConfig, simulate
 from slicefield.baselines.bspline import bspline_average
-from slicefield.baselines.grid import joint_grid, slab_corners
+from slicefield.baselines.grid import joint_grid
 from slicefield.baselines.srr import SRRConfig, srr
 from slicefield.geometry import apply_affine, world_to_voxel
 from slicefield.io import load_volume, save_volume
@@ -109,7 +109,7 @@ def test_srr_is_a_fixed_point_of_the_truth_without_regularisation(phantom, clean
 def test_joint_grid_covers_all_stacks_on_whole_voxel_extents(phantom, clean_stacks):
     for res in (1.0, 1.5):
         grid = joint_grid(clean_stacks, resolution=res)
-        corners = np.concatenate([slab_corners(s) for s in clean_stacks])
+        corners = np.concatenate([s.world_corners(slab=True) for s in clean_stacks])
         vox = world_to_voxel(grid.affine, corners)
         np.testing.assert_allclose(grid.spacing, res)
         np.testing.assert_allclose(grid.affine[:3, :3], np.diag([res] * 3))  # RAS aligned

@@ -135,12 +135,14 @@ class Stack:
         pts = np.stack(np.meshgrid(x, y, [0.0], indexing="ij"), axis=-1)[:, :, 0]
         return apply_affine(self.slice_to_world[s], pts)
 
-    def world_corners(self) -> np.ndarray:
-        """World mm RAS of the corners of every slice (pixel centres, on the slice plane), ``(4 * n, 3)``."""
+    def world_corners(self, *, slab: bool = False) -> np.ndarray:
+        """World mm RAS of the corners of every slice (pixel centres), ``(4 * n, 3)`` on the slice planes, or with
+        ``slab`` ``(8 * n, 3)``: half a thickness either side of each plane along its normal (the slice's slab)."""
         ni, nj = self.data.shape[1:]
         xs = (0.0, (ni - 1) * self.spacing[0])
         ys = (0.0, (nj - 1) * self.spacing[1])
-        pts = np.array([[x, y, 0.0] for x in xs for y in ys])
+        zs = (-0.5 * self.thickness, 0.5 * self.thickness) if slab else (0.0,)
+        pts = np.array([[x, y, z] for x in xs for y in ys for z in zs])
         return np.concatenate([apply_affine(m, pts) for m in self.slice_to_world])
 
     def nominal_affine(self) -> np.ndarray:

@@ -5,31 +5,21 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import SlicefieldError
-from ..geometry import apply_affine, bounding_grid
+from ..geometry import bounding_grid
 from ..volume import Stack, Volume
-
-
-def slab_corners(stack: Stack) -> np.ndarray:
-    """World mm RAS of the corners of every slice's slab: the in-plane corner pixel centres, half a thickness
-    either side of the slice plane along its normal, ``(8 * n, 3)``."""
-    ni, nj = stack.data.shape[1:]
-    half = 0.5 * stack.thickness
-    xs = (0.0, (ni - 1) * stack.spacing[0])
-    ys = (0.0, (nj - 1) * stack.spacing[1])
-    pts = np.array([[x, y, z] for x in xs for y in ys for z in (-half, half)])
-    return np.concatenate([apply_affine(m, pts) for m in stack.slice_to_world])
 
 
 def joint_grid(stacks: list[Stack], *, resolution: float) -> Volume:
     """An empty RAS-aligned grid of ``resolution`` mm voxels over the stacks' joint field of view (world mm).
 
-    The field of view holds every slice's slab (:func:`slab_corners`), not only the slice planes: a grid that stopped
-    at the first and last slice planes would cut those slices' profiles in half (the forward model is zero outside
-    the grid), and a reconstruction would have to nearly double the anatomy there to explain them (measured: 1.75x
-    on a uniform object, 1.24x with the slabs; the profile's tails beyond the slab are still cut)."""
+    The field of view holds every slice's slab (``Stack.world_corners(slab=True)``), not only the slice planes: a
+    grid that stopped at the first and last slice planes would cut those slices' profiles in half (the forward
+    model is zero outside the grid), and a reconstruction would have to nearly double the anatomy there to explain
+    them (measured: 1.75x on a uniform object, 1.24x with the slabs; the profile's tails beyond the slab are still
+    cut)."""
     if resolution <= 0:
         raise SlicefieldError(f"resolution {resolution} mm must be positive", fix="pass e.g. --resolution 1")
-    corners = np.concatenate([slab_corners(s) for s in stacks])
+    corners = np.concatenate([s.world_corners(slab=True) for s in stacks])
     shape, affine = bounding_grid(corners, resolution)
     n = int(np.prod(shape))
     if n > 2_000_000_000 // 4 // 8:

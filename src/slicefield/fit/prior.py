@@ -216,15 +216,22 @@ def register_prior(
             out, metric = run(affine)
             result = sitk.AffineTransform(out)
     except RuntimeError as e:  # ITK reports no overlap, too few samples, ... as RuntimeError
-        detail = str(e).strip().splitlines()[-1][:120] if str(e).strip() else type(e).__name__
-        raise SlicefieldError(
-            f"registration of the prior to the stacks failed ({detail})",
-            path=name,
+        raise _itk_failure(
+            e,
+            "registration of the prior to the stacks failed",
+            name=name,
             fix="check that the prior shows the same anatomy, or align it first and pass --prior-registration none",
         ) from e
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(default_threads)
     return _itk_to_ras(result), metric
+
+
+def _itk_failure(error: RuntimeError, what: str, *, name: str, fix: str) -> SlicefieldError:
+    """A one-line error for an ITK failure: ``what`` with the last line of ITK's message."""
+    text = str(error).strip()
+    detail = text.splitlines()[-1][:120] if text else type(error).__name__
+    return SlicefieldError(f"{what} ({detail})", path=name, fix=fix)
 
 
 def deformable_displacement(
@@ -284,10 +291,10 @@ def deformable_displacement(
             fixed_img.GetDirection(),
         )
     except RuntimeError as e:
-        detail = str(e).strip().splitlines()[-1][:120] if str(e).strip() else type(e).__name__
-        raise SlicefieldError(
-            f"deformable registration of the prior failed ({detail})",
-            path=name,
+        raise _itk_failure(
+            e,
+            "deformable registration of the prior failed",
+            name=name,
             fix="use --prior-registration affine (or rigid)",
         ) from e
     finally:
