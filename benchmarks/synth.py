@@ -2,18 +2,23 @@
 deformations of the MNI152 template.
 
     .venv/bin/python benchmarks/synth.py [--preset tiny] [--steps N] [--fusion-steps N] [--train 6] [--test 2]
+        [--voxel-mm 2] [--device cpu] [--threads 1] [--pair LABELS.nii.gz T1.nii.gz]
 
 Data (no network): nilearn's MNI152 2009a T1 and labels from its GM/WM maps (slicefield.synth.labels.mni152_pair),
-resampled to a 2 mm grid (T1 linear, labels nearest). Training pairs: ``--train`` random affine + elastic
-deformations with intensity variation (seed 0); held-out pairs: ``--test`` more drawn with seed 1000, never seen
-in training. Metrics in the held-out label map's brain (label > 0), each volume normalised to [0, 1] by its 99.5th
-percentile there: SSIM, PSNR, MSE, per-axis gradient energy ratio to the real volume and the relative gradient error
-per axis; "through-plane" = worst axis' gradient error (lower is better). Rows: each plane's volume, their plain
-mean (the untrained fusion's identity-like path) and the fused volume; mean ± std over held-out pairs.
+resampled to a 2 mm grid (``--voxel-mm``; T1 linear, labels nearest); ``--pair`` reads that (labels, T1) pair from
+files instead, for machines without nilearn or SimpleITK (write it with ``--save-pair DIR``). Training pairs:
+``--train`` random affine + elastic deformations with intensity variation (seed 0); held-out pairs: ``--test`` more
+drawn with seed 1000, never seen in training. Metrics in the held-out label map's brain (label > 0), each volume
+normalised to [0, 1] by its 99.5th percentile there: SSIM, PSNR, MSE, per-axis gradient energy ratio to the real
+volume and the relative gradient error per axis; "through-plane" = worst axis' gradient error (lower is better).
+Rows: each plane's volume, their plain mean (the untrained fusion's identity-like path), the fused volume, and
+"oracle: true anatomy" (the template moved by the held-out pair's true deformation without its random gamma / gain /
+bias change: the ceiling for any generator, since a label map cannot predict that change); mean ± std over held-out
+pairs.
 
 Prints one table; writes benchmarks/results/synth.json (rows, config, timings, machine; ``--out``) and
 synth_profiles.png beside it.
-Runs on one CPU thread (torch.set_num_threads(1)).
+Runs on one CPU thread by default (``--threads``); ``--device cuda`` trains and generates on the GPU (TF32 convs).
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ VOXEL_MM = 2.0
 TRAIN_SEED = 0
 TEST_SEED = 1000
 RESULTS = Path(__file__).resolve().parent / "results"
+#: Reference row: the true anatomy without the held-out intensity change (what a perfect generator could reach).
+ORACLE = "oracle: true anatomy"
 
 
 def mni_pair_at(voxel_mm: float) -> tuple[Volume, Volume]:
@@ -62,14 +69,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train", type=int, default=6, help="training deformations")
     ap.add_argument("--test", type=int, default=2, help="held-out deformations")
     ap.add_argument("--fusion-holdout", type=int, default=0, help="training pairs kept for the fusion CNN only")
+    ap.add_argument("--batch", type=int, help="generator batch size (default: the preset's)")
+    ap.add_argument("--voxel-mm", type=float, default=VOXEL_MM, help="grid voxel size (mm)")
+    ap.add_argument("--pair", nargs=2, metavar=("LABELS", "T1"), help="precomputed (labels, T1) pair on the grid")
+    ap.add_argument("--save-pair", metavar="DIR", help="write the (labels, T1) pair on the grid to DIR and stop")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--out", default=str(RESULTS / "synth.json"))
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    if args.device != "cpu":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    labels, t1 = mni_pair_at(VOXEL_MM)
+    if args.pair:
+        from slicefield.io import load_volume
+
+        labels, t1 = (load_volume(f) for f in args.pair)
+    else:
+        labels, t1 = mni_pair_at(args.voxel_mm)
+    if args.save_pair:
+        from slicefield.io import save_volume
+
+        Path(args.save_pair).mkdir(parents=True, exist_ok=True)
+        save_volume(labels, Path(args.save_pair) / f"mni_labels_{args.voxel_mm:g}mm.nii.gz")
+        save_volume(t1, Path(args.save_pair) / f"mni_t1_{args.voxel_mm:g}mm.nii.gz")
+        return 0
     train_pairs = augment.population(labels, t1, n=args.train, seed=TRAIN_SEED)
     test_pairs = augment.population(labels, t1, n=args.test, seed=TEST_SEED)
     timings["data_s"] = time.perf_counter() - t0
@@ -77,15 +105,20 @@ def main(argv: list[str] | None = None) -> int:
     config = synth_model.preset(args.preset)
     if args.steps:
         config = replace(config, gan=replace(config.gan, steps=args.steps))
-    config = replace(config, fusion_holdout=args.fusion_holdout)
+    config = replace(config, fusion_holdout=args.fusion_holdout, device=args.device)
+    if args.batch:
+        config = replace(config, gan=replace(config.gan, batch_size=args.batch))
     if args.fusion_steps:
         config = replace(config, fusion=replace(config.fusion, steps=args.fusion_steps))
+
+    stage_s: dict[str, float] = {}
 
     def progress(name: str):
         t = time.perf_counter()
         shown = [-1]
 
         def cb(done: int, total: int) -> None:
+            stage_s[name] = time.perf_counter() - t
             q = 4 * done // total
             if q != shown[0]:
                 shown[0] = q
@@ -100,10 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     per_volume: list[list[dict]] = []
     first = None
-    for lab, img, _ in test_pairs:
-        out = synth_model.generate(model, lab)
+    for lab, img, d in test_pairs:
+        out = synth_model.generate(model, lab, device=args.device)
         mean = np.mean([v.data for v in out.planes.values()], axis=0)
-        volumes = {**out.planes, "mean of planes": lab.with_data(mean), "fused": out.fused}
+        # the ceiling: the real anatomy (the template moved by the true deformation) without the held-out pair's
+        # random intensity change (gamma, gain, bias), which no label map can predict
+        oracle = augment.deform_image(t1, replace(d, gamma=1.0, gain=1.0, bias=np.zeros_like(d.bias)))
+        volumes = {**out.planes, "mean of planes": lab.with_data(mean), "fused": out.fused, ORACLE: oracle}
         per_volume.append(evaluate_volumes(volumes, img, mask=lab.data > 0))
         if first is None:
             first = (volumes, img, lab)
@@ -121,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     timings["total_s"] = time.perf_counter() - t_start
 
     print(f"synthesis benchmark: preset {args.preset}, {args.train} training / {args.test} held-out deformations")
-    print(f"of MNI152 at {VOXEL_MM:g} mm; mean over held-out pairs (std of SSIM / PSNR in brackets)")
+    print(f"of MNI152 at {args.voxel_mm:g} mm; mean over held-out pairs (std of SSIM / PSNR in brackets)")
     table = format_rows(rows).splitlines()
     print(table[0])
     for line, r in zip(table[1:], rows, strict=True):
@@ -130,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     volumes, img, lab = first
     profiles_figure(
-        {k: v for k, v in volumes.items() if k != "mean of planes"},
+        {k: v for k, v in volumes.items() if k not in ("mean of planes", ORACLE)},
         img,
         Path(args.out).with_name(Path(args.out).stem + "_profiles.png"),
         mask=lab.data > 0,
@@ -138,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     doc = {
         "command": ["python", "benchmarks/synth.py", *(argv if argv is not None else sys.argv[1:])],
-        "voxel_mm": VOXEL_MM,
+        "voxel_mm": args.voxel_mm,
         "train": args.train,
         "test": args.test,
         "config": config.to_json(),
@@ -147,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         "axes": AXES,
         "final_losses": {k: v[-1] for k, v in model.history.items() if v},
         "timings": timings,
+        "stage_s": stage_s,
         "environment": environment(),
     }
     Path(args.out).write_text(json.dumps(to_jsonable(doc), indent=1), encoding="utf-8")

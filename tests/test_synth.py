@@ -290,6 +290,71 @@ def test_training_is_deterministic_with_a_seed(pair):
         train([(labels, image)], replace(cfg, fusion_holdout=1))
 
 
+class _Killed(Exception):
+    """Stands for the process being killed at a step."""
+
+
+def _kill_at(stage: str, step: int):
+    def factory(name: str):
+        def cb(done: int, total: int) -> None:
+            if name == stage and done == step:
+                raise _Killed
+
+        return cb
+
+    return factory
+
+
+@pytest.mark.parametrize(("stage", "step"), [("axial", 2), ("coronal", 3), ("sagittal", 5), ("fusion", 3)])
+def test_killed_then_resumed_training_equals_an_uninterrupted_run(pair, tmp_path, stage, step):
+    labels, image = pair
+    pairs = [(lab, img) for lab, img, _ in augment.population(labels, image, n=2, seed=0)]
+    cfg = _config()
+    cfg = replace(cfg, gan=replace(cfg.gan, steps=5), fusion=replace(cfg.fusion, steps=5))
+    whole = train(pairs, cfg)
+    with pytest.raises(_Killed):
+        train(pairs, cfg, progress=_kill_at(stage, step), checkpoint_dir=tmp_path, checkpoint_interval_s=0)
+    assert (tmp_path / "checkpoint.pt").is_file()
+    resumed = train(pairs, cfg, checkpoint_dir=tmp_path, resume=True)
+    assert resumed.history == whole.history
+    for name, module in [*whole.generators.items(), ("fusion", whole.fusion)]:
+        other = resumed.fusion if name == "fusion" else resumed.generators[name]
+        for (key, a), b in zip(module.state_dict().items(), other.state_dict().values(), strict=True):
+            assert torch.equal(a, b), f"{name}.{key} differs after resuming"
+
+
+def test_two_process_data_parallel_training_on_the_cpu(pair, tmp_path):
+    """DDP over 2 CPU processes (gloo), as on several GPUs: it trains, reports progress from rank 0, checkpoints,
+    and every rank ends with the same weights (``train`` raises otherwise)."""
+    labels, image = pair
+    pairs = [(lab, img) for lab, img, _ in augment.population(labels, image, n=2, seed=0)]
+    cfg = replace(_config(), planes=("axial",))
+    seen: dict[str, int] = {}
+
+    def progress(name: str):
+        return lambda done, total: seen.__setitem__(name, done)
+
+    model = train(pairs, cfg, world_size=2, progress=progress, checkpoint_dir=tmp_path)
+    assert seen == {"axial": cfg.gan.steps, "synthesise": 2, "fusion": cfg.fusion.steps}
+    assert len(model.history["l1_axial"]) == cfg.gan.steps and (tmp_path / "checkpoint.pt").is_file()
+    assert model.config.device == "cpu"
+    out = generate(model, labels)
+    assert out.fused.shape == labels.shape and np.isfinite(out.fused.data).all()
+
+
+def test_resume_refuses_a_missing_or_foreign_checkpoint(pair, tmp_path):
+    labels, image = pair
+    cfg = _config()
+    with pytest.raises(SlicefieldError, match="no checkpoint"):
+        train([(labels, image)], cfg, checkpoint_dir=tmp_path, resume=True)
+    train([(labels, image)], cfg, checkpoint_dir=tmp_path)
+    with pytest.raises(SlicefieldError, match="other training options"):
+        train([(labels, image)], replace(cfg, seed=1), checkpoint_dir=tmp_path, resume=True)
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SlicefieldError, match="cannot read the checkpoint"):
+        train([(labels, image)], cfg, checkpoint_dir=tmp_path, resume=True)
+
+
 def test_cli_labels_pairs_train_generate_evaluate(tmp_path, phantom):
     from slicefield.cli import main
     from slicefield.io import load_volume, save_volume
@@ -307,6 +372,9 @@ def test_cli_labels_pairs_train_generate_evaluate(tmp_path, phantom):
     args = ["--planes", "axial,sagittal", "--steps", "2", "--fusion-steps", "2", "--device", "cpu"]
     assert main(["-q", "synth", "train", str(pairs), "--out-dir", str(model), "--preset", "tiny", *args]) == 0
     assert {p.name for p in model.iterdir()} >= {"config.json", "generator_axial.pt", "generator_sagittal.pt"}
+    assert not (model / "checkpoint.pt").exists()  # removed once the model is saved
+    fresh = tmp_path / "fresh"
+    assert main(["-q", "synth", "train", str(pairs), "--out-dir", str(fresh), "--resume", *args]) == 2
     out = tmp_path / "synth.nii.gz"
     assert main(["-q", "synth", "generate", str(lab), "--model", str(model), "-o", str(out), "--keep-planes"]) == 0
     for path in (out, tmp_path / "synth_axial.nii.gz", tmp_path / "synth_sagittal.nii.gz"):

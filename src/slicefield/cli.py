@@ -597,13 +597,34 @@ def _simulation_config(args: argparse.Namespace):
     )
 
 
+def _tasks(text: str) -> tuple[str, ...]:
+    """``--tasks a,b``: the benchmark tasks in order, each known (checked before any work)."""
+    from .benchmark_all import TASKS
+
+    tasks = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    unknown = [t for t in tasks if t not in TASKS]
+    if not tasks or unknown:
+        raise SlicefieldError(f"unknown --tasks {','.join(unknown) or text!r}", fix=f"use some of {','.join(TASKS)}")
+    return tasks
+
+
 def cmd_benchmark(args: argparse.Namespace, reporter: Reporter) -> int:
     from contextlib import nullcontext
 
     from .benchmark import BenchmarkConfig
     from .io import load_volume
 
-    methods = _methods(args.methods)
+    tasks = _tasks(args.tasks)
+    if args.methods.strip() == "all":
+        return _benchmark_all(args, reporter, tasks=tasks)
+    try:
+        methods = _methods(args.methods)
+    except SlicefieldError as e:
+        raise SlicefieldError(e.problem, fix=f"{e.fix}, or all (every method and representation)") from None
+    if args.quick or tasks != ("stacks",):
+        raise SlicefieldError(
+            "--tasks views and --quick apply to --methods all only", fix="pass --methods all, or drop those options"
+        )
     reference = load_volume(args.volume, use_qform=args.use_qform)
     from dataclasses import replace
 
@@ -645,6 +666,48 @@ def _run_benchmark(reference, config, reporter: Reporter):
 
     with reporter.steps() as step:
         return run_benchmark(reference, config=config, progress=step)
+
+
+def _benchmark_all(args: argparse.Namespace, reporter: Reporter, *, tasks: tuple[str, ...]) -> int:
+    """``benchmark --methods all``: every method and representation on every task, one table per task."""
+    from contextlib import nullcontext
+    from dataclasses import replace
+
+    from .benchmark_all import QUICK, TableConfig, format_task, report_rows, run_table
+    from .io import load_volume
+
+    if args.steps:
+        raise SlicefieldError("--steps does not apply to --methods all", fix="bound the fits with --budget S instead")
+    base = QUICK if args.quick else TableConfig()
+    budget = base.budget_s if args.time_budget is None else args.time_budget
+    config = replace(base, tasks=tasks, budget_s=budget, device=args.device, simulation=_simulation_config(args))
+    reference = load_volume(args.volume, use_qform=args.use_qform)
+    run = None
+    if args.run_dir:
+        from .runs import RunDir
+
+        record = {"kind": "benchmark", "reference": str(Path(args.volume).resolve()), "benchmark_all": config}
+        run = RunDir.create(args.run_dir, config=record, command=sys.argv)
+
+    def on_table(task: str, rows: list[dict], result) -> None:
+        print(format_task(task, rows), flush=True)
+        if run is not None:
+            run.record_timing(task, sum(r.get("seconds", 0.0) for r in rows))
+            run.update_metrics({"tables": result.tables, "rows": report_rows(result.tables)})
+
+    with run if run is not None else nullcontext():
+        work = None if run is None else run.path / "views"
+        result = run_table(reference, config=config, work_dir=work, on_table=on_table)
+        if run is not None:
+            _finish_run_dir(run, reporter)
+    if args.json:
+        from .io.atomic import atomic_write
+        from .runs import environment, to_jsonable
+
+        doc = {"command": sys.argv, "config": config, **result.to_json(), "environment": environment()}
+        atomic_write(args.json, lambda p: p.write_text(json.dumps(to_jsonable(doc), indent=1)))
+        reporter.info(f"wrote {args.json}")
+    return 0
 
 
 def cmd_preprocess(args: argparse.Namespace, reporter: Reporter) -> int:
@@ -918,7 +981,7 @@ def _synth_train(args: argparse.Namespace, reporter: Reporter) -> int:
 
     from .runs import environment
     from .synth.labels import load_pairs
-    from .synth.model import check_planes, preset, save_model, train
+    from .synth.model import CHECKPOINT_FILE, check_planes, preset, save_model, train
 
     planes = check_planes(args.planes.split(","))
     config = preset(args.preset, planes=planes, seed=args.seed, device=args.device, fusion_holdout=args.fusion_holdout)
@@ -929,9 +992,18 @@ def _synth_train(args: argparse.Namespace, reporter: Reporter) -> int:
     pairs = load_pairs(args.pairs_dir)
     reporter.info(f"training {args.preset} on {len(pairs)} pairs, planes {','.join(config.planes)}")
     with reporter.steps() as step:
-        model = train([(lab, img) for _, lab, img in pairs], config, progress=step)
+        model = train(
+            [(lab, img) for _, lab, img in pairs],
+            config,
+            progress=step,
+            checkpoint_dir=args.out_dir,
+            checkpoint_interval_s=args.checkpoint_every,
+            resume=args.resume,
+            world_size=args.gpus,
+        )
     extra = {"command": sys.argv, "pairs": [n for n, _, _ in pairs], "history": model.history}
     save_model(model, args.out_dir, extra={**extra, "environment": environment()})
+    (Path(args.out_dir) / CHECKPOINT_FILE).unlink(missing_ok=True)
     reporter.info(f"wrote model to {args.out_dir}")
     return 0
 
@@ -1264,11 +1336,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("benchmark", help="simulate, reconstruct with every method, one table")
     s.add_argument("volume", help="high-resolution reference NIfTI")
-    s.add_argument("--methods", default="bspline,srr")
+    s.add_argument(
+        "--methods",
+        default="bspline,srr",
+        help="comma-separated methods, or all: every method and representation (inr voxel/planes/hashgrid/siren, "
+        "irem, gaussians, inr + MNI152 prior) on the volume downsampled 2x and cropped to the brain, slices 4x and 8x "
+        "its voxel (--thickness unused)",
+    )
+    s.add_argument("--tasks", default="stacks", help="with --methods all: stacks, views (sparse DRR views) or both")
+    s.add_argument("--quick", action="store_true", help="with --methods all: 4 mm truth, 48^3 crop, 5 s, small views")
     s.add_argument("--json", help="also write the table, config and machine to this JSON file")
     s.add_argument("--run-dir", help="also write a run directory: volumes, metrics, figures and report.html")
     s.add_argument("--steps", type=int, help="inr/irem optimisation steps")
-    s.add_argument("--time-budget", type=float, help="inr/irem: seconds per reconstruction, then keep the result")
+    s.add_argument(
+        "--time-budget",
+        "--budget",
+        type=float,
+        help="inr/irem: seconds per reconstruction, then keep the result (--methods all: every fitted one, default 45)",
+    )
     s.add_argument("--device", default="auto", help="inr/irem: auto (CUDA when available), cpu or cuda")
     acquisition(s)
     s.set_defaults(func=cmd_benchmark)
@@ -1366,6 +1451,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fusion-holdout", type=int, default=0, help="pairs kept from the generators, for the fusion only")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted run from --out-dir/checkpoint.pt")
+    t.add_argument("--checkpoint-every", type=float, default=60.0, help="seconds between checkpoints (default 60)")
+    t.add_argument("--gpus", type=int, help="GPUs to train on with DDP, one process each (default: all visible)")
     t = ssub.add_parser("generate", help="synthesise a T1 from a label map with a trained model")
     t.add_argument("labels", help="label map NIfTI")
     t.add_argument("--model", required=True, help="model folder of synth train")

@@ -254,8 +254,13 @@ def train_generator(
     label_nc: int,
     device: str,
     progress: Callable[[int, int], None] | None = None,
+    start: dict[str, Any] | None = None,
+    checkpoint: StageCheckpoint | None = None,
 ) -> list[float]:
-    """Train one per-plane generator in place (GAN + feature matching + L1); returns the per-step L1 loss."""
+    """Train one per-plane generator in place (GAN + feature matching + L1); returns the per-step L1 loss.
+
+    ``start``: the stage state of a checkpoint (see :func:`train`) to continue from; ``checkpoint(done, final,
+    state)`` is called after every step with a function returning this stage's state."""
     gan = config.gan
     disc = MultiScaleDiscriminator(config.discriminator, label_nc).to(device)
     generator.to(device).train()
@@ -267,23 +272,47 @@ def train_generator(
     opt_d = torch.optim.Adam(disc.parameters(), lr=d_lr, betas=betas)
     gen = torch.Generator().manual_seed(config.seed)
     n = data.labels.shape[0]
-    history = []
-    for step in range(gan.steps):
-        idx = torch.randint(0, n, (min(gan.batch_size, n),), generator=gen)
+    rank, world = _world()
+    g_net, d_net = _data_parallel(generator, device), _data_parallel(disc, device)
+    batch = min(gan.batch_size, n)
+    history: list[float] = []
+    first = 0
+    if start is not None:
+        disc.load_state_dict(start["disc"])
+        opt_g.load_state_dict(start["opt_g"])
+        opt_d.load_state_dict(start["opt_d"])
+        gen.set_state(start["batch_rng"])
+        torch.set_rng_state(start["torch_rng"])  # as it was after this plane's discriminator was initialised
+        history, first = list(start["history"]), int(start["step"])
+
+    def state() -> dict[str, Any]:
+        return {
+            "disc": disc.state_dict(),
+            "opt_g": opt_g.state_dict(),
+            "opt_d": opt_d.state_dict(),
+            "batch_rng": gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "history": history,
+            "step": len(history),
+        }
+
+    for step in range(first, gan.steps):
+        # every rank draws the whole batch of all ranks and takes its share (one random stream for all)
+        idx = torch.randint(0, n, (world * batch,), generator=gen)[rank * batch : (rank + 1) * batch]
         seg = one_hot(data.labels[idx], label_nc).to(device)
         real = data.images[idx].to(device)
         # discriminator
         with torch.no_grad():
-            fake = generator(seg)
-        loss_d = hinge_d_loss(disc(seg, real), disc(seg, fake))
+            fake = g_net(seg)
+        loss_d = hinge_d_loss(d_net(seg, real), d_net(seg, fake))
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         opt_d.step()
         # generator
-        fake = generator(seg)
-        pred_fake = disc(seg, fake)
+        fake = g_net(seg)
+        pred_fake = d_net(seg, fake)
         with torch.no_grad():
-            pred_real = disc(seg, real)
+            pred_real = d_net(seg, real)
         l1 = F.l1_loss(fake, real)
         loss_g = hinge_g_loss(pred_fake) + gan.fm_weight * feature_matching_loss(pred_real, pred_fake)
         loss_g = loss_g + gan.l1_weight * l1
@@ -291,6 +320,8 @@ def train_generator(
         loss_g.backward()
         opt_g.step()
         history.append(float(l1.detach()))
+        if checkpoint is not None:
+            checkpoint(step + 1, step + 1 == gan.steps, state)
         if progress is not None:
             progress(step + 1, gan.steps)
     generator.eval()
@@ -331,11 +362,14 @@ def train_fusion(
     config: SynthConfig,
     device: str,
     progress: Callable[[int, int], None] | None = None,
+    start: dict[str, Any] | None = None,
+    checkpoint: StageCheckpoint | None = None,
 ) -> list[float]:
     """Train the fusion CNN in place on random patches from the 50 %-overlap grid of each volume.
 
     inputs: per volume ``(P, X, Y, Z)`` plane volumes; targets: ``(X, Y, Z)`` real volumes; masks: brain masks
-    (patches with < 5 % brain are skipped). MSE, Adam. Returns the per-step MSE."""
+    (patches with < 5 % brain are skipped). MSE, Adam. Returns the per-step MSE. ``start`` / ``checkpoint``: as in
+    :func:`train_generator`."""
     fc = config.fusion
     padded_in = [pad_for_patches(v, patch=fc.patch, overlap=fc.overlap) for v in inputs]
     padded_t = [pad_for_patches(t[None], patch=fc.patch, overlap=fc.overlap)[0] for t in targets]
@@ -343,10 +377,22 @@ def train_fusion(
     rng = np.random.default_rng(config.seed)
     fusion.to(device).train()
     opt = torch.optim.Adam(fusion.parameters(), lr=fc.lr)
+    rank, world = _world()
+    net = _data_parallel(fusion, device)
     p = fc.patch
-    history = []
-    for step in range(fc.steps):
-        pick = rng.integers(0, len(corners), fc.batch_size)
+    history: list[float] = []
+    first = 0
+    if start is not None:
+        opt.load_state_dict(start["opt"])
+        rng.bit_generator.state = json.loads(start["patch_rng"])
+        history, first = list(start["history"]), int(start["step"])
+
+    def state() -> dict[str, Any]:
+        rng_state = json.dumps(rng.bit_generator.state)
+        return {"opt": opt.state_dict(), "patch_rng": rng_state, "history": history, "step": len(history)}
+
+    for step in range(first, fc.steps):
+        pick = rng.integers(0, len(corners), world * fc.batch_size)[rank * fc.batch_size : (rank + 1) * fc.batch_size]
         xs, ys = [], []
         for k in pick:
             v, (i, j, c) = corners[k]
@@ -354,11 +400,13 @@ def train_fusion(
             ys.append(padded_t[v][None, i : i + p, j : j + p, c : c + p])
         x = torch.from_numpy(np.stack(xs).astype(np.float32)).to(device)
         y = torch.from_numpy(np.stack(ys).astype(np.float32)).to(device)
-        loss = F.mse_loss(fusion(x), y)
+        loss = F.mse_loss(net(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         history.append(float(loss.detach()))
+        if checkpoint is not None:
+            checkpoint(step + 1, step + 1 == fc.steps, state)
         if progress is not None:
             progress(step + 1, fc.steps)
     fusion.eval()
@@ -384,14 +432,39 @@ def train(
     config: SynthConfig,
     *,
     progress: ProgressFactory | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_interval_s: float = 60.0,
+    resume: bool = False,
+    world_size: int | None = None,
 ) -> SynthModel:
     """Train a :class:`SynthModel` on (label map, T1) pairs (each pair on one grid; all grids with the same voxel
     size). Images are normalised per pair (:func:`slicefield.synth.labels.normalise_intensity` in the label
-    map's foreground). ``progress(stage)`` returns a ``(done, total)`` callback per stage."""
+    map's foreground). ``progress(stage)`` returns a ``(done, total)`` callback per stage.
+
+    ``checkpoint_dir``: write ``checkpoint.pt`` there at most every ``checkpoint_interval_s`` seconds of training and
+    at the end of every stage (a killed run loses at most that much); ``resume``: continue from it. On the CPU a
+    resumed run ends with exactly the weights of an uninterrupted one (every random stream is in the checkpoint).
+    The checkpoint stays after training; remove it once the model is saved.
+
+    ``world_size``: processes training together with PyTorch DistributedDataParallel, one per GPU (``cuda:0`` ..),
+    each on its share of every batch (the batch size is per process); ``None``: every visible GPU when the device
+    is CUDA and several are present, else one process. On the CPU, several processes use the gloo backend."""
     if not pairs:
         raise SlicefieldError("no training pairs", fix="pass a folder of *_labels / *_t1 pairs")
     planes = check_planes(config.planes)
     device = resolve_device(config.device)
+    if world_size is None:
+        world_size = torch.cuda.device_count() if device.startswith("cuda") and not _world()[1] > 1 else 1
+    if world_size > 1 and not torch.distributed.is_initialized():
+        return _train_distributed(
+            pairs,
+            config,
+            world_size=world_size,
+            progress=progress,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_interval_s=checkpoint_interval_s,
+            resume=resume,
+        )
     torch.manual_seed(config.seed)
     label_nc = max(n_classes(lab.data) for lab, _ in pairs)
     spacings = np.array([_world_spacing(lab.affine) for lab, _ in pairs])
@@ -400,6 +473,8 @@ def train(
             "the training pairs have different voxel sizes", fix="resample all pairs onto grids of one voxel size"
         )
     model = new_model(replace(config, planes=planes), label_nc, spacings[0])
+    ckpt = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
+    saved = _load_checkpoint(ckpt, model) if resume else None
     normed = [(lab, normalise_intensity(img.data, lab.data > 0)) for lab, img in pairs]
     if not 0 <= config.fusion_holdout < len(normed):
         raise SlicefieldError(
@@ -412,11 +487,38 @@ def train(
     def stage(name: str) -> Callable[[int, int], None] | None:
         return progress(name) if progress is not None else None
 
+    order = [*planes, "fusion"]
+    done_stages = order[: order.index(saved["stage"])] if saved is not None else []
+    last_save = [time.perf_counter()]
+
+    def saver(name: str) -> StageCheckpoint | None:
+        if ckpt is None or _world()[0] != 0:
+            return None
+
+        def save(done: int, final: bool, state: Callable[[], dict[str, Any]]) -> None:
+            if final or time.perf_counter() - last_save[0] >= checkpoint_interval_s:
+                _save_checkpoint(ckpt, model, stage=name, stage_state=state())
+                last_save[0] = time.perf_counter()
+
+        return save
+
+    def start(name: str) -> dict[str, Any] | None:
+        return saved["state"] if saved is not None and saved["stage"] == name else None
+
     for plane in planes:
+        if plane in done_stages:
+            continue
         t0 = time.perf_counter()
         data = _plane_data(gen_pairs, plane, model.generators[plane].multiple)
         model.history[f"l1_{plane}"] = train_generator(
-            model.generators[plane], data, config=config, label_nc=label_nc, device=device, progress=stage(plane)
+            model.generators[plane],
+            data,
+            config=config,
+            label_nc=label_nc,
+            device=device,
+            progress=stage(plane),
+            start=start(plane),
+            checkpoint=saver(plane),
         )
         log.info("%s generator: %d slices, %.0f s", plane, data.labels.shape[0], time.perf_counter() - t0)
     inputs = []
@@ -434,8 +536,152 @@ def train(
         config=config,
         device=device,
         progress=stage("fusion"),
+        start=start("fusion"),
+        checkpoint=saver("fusion"),
     )
     return model.to("cpu")
+
+
+# ------------------------------------------------------------------------------- several processes (DDP)
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the process group, or (0, 1) outside one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _data_parallel(module: torch.nn.Module, device: str) -> torch.nn.Module:
+    """``module`` wrapped in DistributedDataParallel inside a process group of several processes, else itself."""
+    if _world()[1] == 1:
+        return module
+    ids = [torch.device(device).index] if device.startswith("cuda") else None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, pairs, config: SynthConfig, kwargs: dict, out: str, queue):
+    """One process of :func:`_train_distributed`: joins the group, trains on its GPU (or the CPU), and reports
+    progress and a checksum of its weights through ``queue``; rank 0 writes the model to ``out``."""
+    cuda = resolve_device(config.device).startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(rank)
+    backend = "nccl" if cuda else "gloo"
+    torch.distributed.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+
+        def progress(name: str) -> Callable[[int, int], None]:
+            return lambda done, total: queue.put(("progress", name, done, total))
+
+        local = replace(config, device=f"cuda:{rank}" if cuda else "cpu")
+        model = train(pairs, local, progress=progress if rank == 0 else None, world_size=world, **kwargs)
+        params = [*model.fusion.parameters(), *(q for g in model.generators.values() for q in g.parameters())]
+        queue.put(("checksum", rank, float(sum(float(q.double().sum()) for q in params))))
+        if rank == 0:
+            save_model(model, out, extra={"history": model.history})
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _train_distributed(
+    pairs: Sequence[tuple[Volume, Volume]],
+    config: SynthConfig,
+    *,
+    world_size: int,
+    progress: ProgressFactory | None,
+    **kwargs: Any,
+) -> SynthModel:
+    """:func:`train` in ``world_size`` spawned processes (DDP); returns rank 0's model, after checking that every
+    rank ended with the same weights."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    if kwargs.get("resume") and not (Path(kwargs["checkpoint_dir"] or "") / CHECKPOINT_FILE).is_file():
+        raise SlicefieldError("no checkpoint to resume from", path=kwargs["checkpoint_dir"], fix="run without --resume")
+    if resolve_device(config.device).startswith("cuda") and torch.cuda.device_count() < world_size:
+        raise SlicefieldError(
+            f"{world_size} training processes need {world_size} GPUs, {torch.cuda.device_count()} are visible",
+            fix="use fewer processes (--gpus)",
+        )
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    callbacks: dict[str, Callable[[int, int], None]] = {}
+    checksums: dict[int, float] = {}
+
+    def drain() -> None:
+        while not queue.empty():
+            kind, *msg = queue.get()
+            if kind == "checksum":
+                checksums[int(msg[0])] = float(msg[1])
+            elif progress is not None:
+                name, done, total = msg
+                callbacks.setdefault(name, progress(name))(done, total)
+
+    with tempfile.TemporaryDirectory(prefix="slicefield-ddp-") as tmp:
+        args = (world_size, f"{tmp}/init", list(pairs), config, kwargs, f"{tmp}/model", queue)
+        procs = mp.start_processes(_ddp_worker, args=args, nprocs=world_size, join=False, start_method="spawn")
+        while not procs.join(timeout=0.2):
+            drain()
+        drain()
+        model = load_model(f"{tmp}/model")
+        model.history = json.loads((Path(tmp) / "model" / CONFIG_FILE).read_text(encoding="utf-8"))["history"]
+    if len(set(checksums.values())) != 1 or len(checksums) != world_size:
+        raise RuntimeError(f"the DDP processes ended with different weights: {checksums}")
+    model.config = replace(model.config, device=config.device)
+    return model
+
+
+#: ``checkpoint(done, final, state)``: called by a training stage after each step.
+StageCheckpoint = Callable[[int, bool, Callable[[], dict[str, Any]]], None]
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = "slicefield-synth-checkpoint-1"
+
+
+def _config_key(config: SynthConfig) -> str:
+    """What must match for a checkpoint to continue a run (everything but the device)."""
+    return json.dumps({k: v for k, v in config.to_json().items() if k != "device"}, sort_keys=True)
+
+
+def _save_checkpoint(path: Path, model: SynthModel, *, stage: str, stage_state: dict[str, Any]) -> None:
+    """Every generator and the fusion CNN, the running stage's state (optimisers, random streams, its losses) and the
+    finished stages' losses: tensors and plain values only (``torch.load(weights_only=True)``)."""
+    doc = {
+        "format": CHECKPOINT_FORMAT,
+        "config": _config_key(model.config),
+        "label_nc": model.label_nc,
+        "stage": stage,
+        "state": stage_state,
+        "generators": {p: g.state_dict() for p, g in model.generators.items()},
+        "fusion": model.fusion.state_dict(),
+        "history": json.dumps(model.history),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(doc, tmp)
+
+
+def _load_checkpoint(path: Path | None, model: SynthModel) -> dict[str, Any]:
+    """Load ``path`` into ``model`` (weights, history); returns ``{"stage", "state"}`` of the running stage."""
+    fix = "run without --resume to start again"
+    if path is None or not path.is_file():
+        raise SlicefieldError("no checkpoint to resume from", path=path, fix=fix)
+    try:
+        doc = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - the restricted unpickler raises many types on foreign or corrupt files
+        raise SlicefieldError(f"cannot read the checkpoint ({type(e).__name__})", path=path, fix=fix) from e
+    if not isinstance(doc, dict) or doc.get("format") != CHECKPOINT_FORMAT:
+        raise SlicefieldError("not a synthesis checkpoint of this version", path=path, fix=fix)
+    if doc["config"] != _config_key(model.config) or int(doc["label_nc"]) != model.label_nc:
+        raise SlicefieldError(
+            "the checkpoint was written with other training options or label classes",
+            path=path,
+            fix="resume with the options of the interrupted run, or run without --resume",
+        )
+    for plane, g in model.generators.items():
+        g.load_state_dict(doc["generators"][plane])
+    model.fusion.load_state_dict(doc["fusion"])
+    model.history = json.loads(doc["history"])
+    log.info("resuming at %s, step %d", doc["stage"], int(doc["state"]["step"]))
+    return {"stage": doc["stage"], "state": doc["state"]}
 
 
 @dataclass
