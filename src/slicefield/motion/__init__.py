@@ -15,4 +15,6 @@ Modules, in pipeline order:
 - :mod:`~slicefield.motion.svr`: the alternation SRR -> slice registration -> SRR, coarse to fine, with robust
   per-slice weights, outlier rejection and per-slice intensity scaling.
 - :mod:`~slicefield.motion.report`: per-slice transforms as JSON and the motion / excluded-slice plot.
+- :mod:`~slicefield.motion.coverage`: how densely slices at their (corrected) poses sample each voxel; motion
+  leaves gaps that even the true poses cannot fill.
 """
