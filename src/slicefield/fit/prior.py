@@ -173,13 +173,7 @@ def register_prior(
         mask = sitk.Cast(to_sitk(fixed_mask.astype(np.float32), fixed.affine), sitk.sitkUInt8)
 
     def run(initial) -> tuple[object, float]:
-        reg = sitk.ImageRegistrationMethod()
-        if config.metric == "mattes":
-            reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=config.bins)
-        else:
-            reg.SetMetricAsCorrelation()
-        reg.SetMetricSamplingStrategy(reg.RANDOM)
-        reg.SetMetricSamplingPercentage(config.sampling, config.seed + 1)  # seed 0 means "wall clock" to ITK
+        reg = _registration(config)
         reg.SetNumberOfThreads(config.threads)
         if mask is not None:
             reg.SetMetricFixedMask(mask)
@@ -262,13 +256,7 @@ def deformable_displacement(
     extent = np.asarray(fixed_img.GetSize()) * np.asarray(fixed_img.GetSpacing())
     mesh = [max(1, int(round(e / mesh_mm))) for e in extent]
     tx = sitk.BSplineTransformInitializer(fixed_img, mesh, 3)
-    reg = sitk.ImageRegistrationMethod()
-    if config.metric == "mattes":
-        reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=config.bins)
-    else:
-        reg.SetMetricAsCorrelation()
-    reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(config.sampling, config.seed + 1)
+    reg = _registration(config)
     if fixed_mask is not None:
         reg.SetMetricFixedMask(sitk.Cast(to_sitk(fixed_mask.astype(np.float32), fixed.affine), sitk.sitkUInt8))
     reg.SetInterpolator(sitk.sitkLinear)
@@ -523,3 +511,17 @@ class PriorPull:
             dr = 2.0 * t.clamp(-self.delta, self.delta)
         c = self.weight / self.n
         return c * value, c * dr
+
+
+def _registration(config: PriorConfig):
+    """A SimpleITK registration with the config's metric and random sampling (both prior registrations use it)."""
+    import SimpleITK as sitk
+
+    reg = sitk.ImageRegistrationMethod()
+    if config.metric == "mattes":
+        reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=config.bins)
+    else:
+        reg.SetMetricAsCorrelation()
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(config.sampling, config.seed + 1)  # seed 0 means "wall clock" to ITK
+    return reg
