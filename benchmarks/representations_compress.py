@@ -1,13 +1,16 @@
 """Size vs PSNR of field compression (.sfz) against gzip'ed NIfTI and two simple lossy baselines; prints a table.
 
-Usage: python benchmarks/representations_compress.py VOLUME.nii.gz [--targets 30,35,40,45] [--json OUT.json]
+Usage: python benchmarks/representations_compress.py VOLUME.nii.gz [--targets 30,35,40,45] [--voxel-targets 40]
+       [--json OUT.json]
 
 Rows:
 - ``nifti float32 .gz``: the volume saved as float32 NIfTI by nibabel (gzip level 6 by nibabel's default): lossless;
 - ``quantised b-bit + gzip``: every voxel quantised to b bits (offset/scale), gzip'ed (lossy baseline 1);
 - ``downsampled x2 + 8-bit + gzip``: 2x2x2 block means, 8 bits, gzip'ed; decoded by trilinear upsampling
   (lossy baseline 2);
-- ``sfz @ T dB``: ``slicefield compress --target-psnr T`` (:func:`slicefield.compress.compress_volume`).
+- ``sfz pyramid @ T dB``: ``slicefield compress --target-psnr T`` (the default pyramid field,
+  :func:`slicefield.compress.compress_volume`);
+- ``sfz voxel @ T dB``: ``slicefield compress --target-psnr T --fields voxel`` (the least-squares voxel field).
 
 PSNR: data range = volume max - min; "all" over every voxel (what --target-psnr means), "brain" inside
 ``foreground_mask`` (Otsu). Encode/decode seconds are wall times on the machine it runs on.
@@ -59,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("volume")
     ap.add_argument("--targets", default="30,35,40,45")
+    ap.add_argument("--voxel-targets", default="40", help="targets of the voxel field rows ('' for none)")
     ap.add_argument("--bits", default="3,4,5,6")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
@@ -94,12 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(
         _row("downsampled x2 + 8-bit + gzip", len(blob), v, dec, mask, rng, enc, time.perf_counter() - t, raw_gz)
     )
-    for target in (float(x) for x in args.targets.split(",")):
-        res = compress_volume(vol, config=CompressConfig(target_psnr_db=target))
+    runs = [("pyramid", float(x)) for x in args.targets.split(",") if x]
+    runs += [("voxel", float(x)) for x in args.voxel_targets.split(",") if x]
+    for field, target in runs:
+        res = compress_volume(vol, config=CompressConfig(target_psnr_db=target, fields=(field,)))
         t = time.perf_counter()
         back = decode_sfz(res.data)
         dec_s = time.perf_counter() - t
-        name = f"sfz @ {target:g} dB (factor {res.factor:g}, {res.bits} bits{'' if res.met_target else ', MISSED'})"
+        name = f"sfz {field} @ {target:g} dB ({res.describe()}{'' if res.met_target else ', MISSED'})"
         rows.append(_row(name, len(res.data), v, back.data, mask, rng, res.seconds, dec_s, raw_gz))
     out = io.StringIO()
     out.write("| method | size kB | vs gzip float32 | PSNR all dB | PSNR brain dB | encode s | decode s |\n")

@@ -871,7 +871,7 @@ def cmd_view(args: argparse.Namespace, reporter: Reporter) -> int:
 
 
 def cmd_compress(args: argparse.Namespace, reporter: Reporter) -> int:
-    from .compress import CompressConfig, compress_volume, write_sfz
+    from .compress import FIELDS, CompressConfig, compress_volume, write_sfz
     from .io import check_output_path, load_volume
 
     check_output_path(args.output)
@@ -884,15 +884,20 @@ def cmd_compress(args: argparse.Namespace, reporter: Reporter) -> int:
             raise SlicefieldError(f"--factors must be >= 1, got {args.factors}", fix="e.g. --factors 1,1.5,2")
     else:
         factors = CompressConfig().factors
-    config = CompressConfig(target_psnr_db=args.target_psnr, factors=factors, time_budget_s=args.time_budget)
+    fields = tuple(f.strip() for f in args.fields.split(",") if f.strip())
+    if not fields or any(f not in FIELDS for f in fields):
+        raise SlicefieldError(f"--fields {args.fields!r}: unknown field kind", fix=f"use some of {','.join(FIELDS)}")
+    config = CompressConfig(
+        target_psnr_db=args.target_psnr, fields=fields, factors=factors, time_budget_s=args.time_budget
+    )
     volume = load_volume(args.volume, use_qform=args.use_qform)
-    with reporter.spinner("fitting and coding the field"):
+    with reporter.spinner("coding the field"):
         result = compress_volume(volume, config=config)
     write_sfz(result.data, args.output)
     status = "" if result.met_target else f"  (target {args.target_psnr:g} dB NOT met within the search)"
     reporter.info(
-        f"wrote {args.output}: {len(result.data) / 1e3:.1f} kB, PSNR {result.psnr_db:.2f} dB, field factor "
-        f"{result.factor:g}, {result.bits} bits, {result.seconds:.1f} s{status}"
+        f"wrote {args.output}: {len(result.data) / 1e3:.1f} kB, PSNR {result.psnr_db:.2f} dB, {result.describe()}, "
+        f"{result.seconds:.1f} s{status}"
     )
     return 0
 
@@ -1472,11 +1477,16 @@ def build_parser() -> argparse.ArgumentParser:
     qform_option(t)
     s.set_defaults(func=cmd_synth)
 
-    s = sub.add_parser("compress", help="fit a field to a volume and store its quantised parameters (.sfz)")
+    s = sub.add_parser("compress", help="store a volume as a field's quantised parameters (.sfz)")
     s.add_argument("volume", help="NIfTI volume")
     s.add_argument("-o", "--output", required=True, help=".sfz file to write")
     s.add_argument("--target-psnr", type=float, default=45.0, help="smallest PSNR (dB) of the decoded volume")
-    s.add_argument("--factors", help="field resolutions tried, voxel-spacing multiples (default 1,1.5,2,3)")
+    s.add_argument(
+        "--fields",
+        default="pyramid",
+        help="field kinds tried, smallest file kept: pyramid (multiresolution trilinear, the default) and/or voxel",
+    )
+    s.add_argument("--factors", help="voxel field resolutions tried, voxel-spacing multiples (default 1,1.5,2,3)")
     s.add_argument("--time-budget", type=float, help="seconds for the rate search, then keep the best so far")
     qform_option(s)
     s.set_defaults(func=cmd_compress)
