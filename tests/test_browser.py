@@ -142,7 +142,7 @@ def three_method_report(phantom, tmp_path_factory: pytest.TempPathFactory) -> Pa
     sim = SimulationConfig(
         orientations=("axial", "coronal", "sagittal"), thickness=3.0, noise=0.01, motion_deg=2, motion_mm=1
     )
-    recon = ReconstructConfig(inr=replace(ReconstructConfig().inr, steps=20))
+    recon = ReconstructConfig(inr=replace(ReconstructConfig().inr, steps=20, restore="off"))
     config = BenchmarkConfig(methods=("bspline", "srr", "inr"), simulation=sim, reconstruct=recon)
     run = RunDir.create(tmp_path_factory.mktemp("b") / "run", config={"kind": "benchmark"}, command=["test"])
     with run:

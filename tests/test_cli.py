@@ -401,7 +401,7 @@ def test_inr_writes_model_run_json_resumes_and_samples(session: Session, tmp_pat
     run = tmp_path / "run"
     out = tmp_path / "inr.nii.gz"
     base = ["-q", "reconstruct", *map(str, session.stacks), "-o", str(out), "--method", "inr"]
-    base += ["--like", str(session.reference), "--device", "cpu"]
+    base += ["--like", str(session.reference), "--device", "cpu", "--restore", "off"]  # restoration: test_restore
     assert main([*base, "--steps", "4", "--checkpoint", str(run)]) == 0
     for name in ("model.pt", "run.json", "checkpoint.pt"):
         assert (run / name).is_file(), name

@@ -74,7 +74,7 @@ def bench_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     phantom = brain_phantom(28)
     sim = SimulationConfig(orientations=ORTHOGONAL, thickness=3.0, noise=0.01, seed=0, motion_deg=2.0, motion_mm=1.0)
-    recon = ReconstructConfig(inr=replace(ReconstructConfig().inr, steps=INR_STEPS))
+    recon = ReconstructConfig(inr=replace(ReconstructConfig().inr, steps=INR_STEPS, restore="off"))
     config = BenchmarkConfig(methods=("bspline", "srr", "inr"), simulation=sim, reconstruct=recon)
     run = RunDir.create(tmp_path_factory.mktemp("bench") / "run", config={"kind": "benchmark"}, command=["test"])
     with run:
@@ -163,6 +163,7 @@ def test_reconstruct_run_dir_without_output(phantom: Volume, tmp_path: Path, cap
     paths = [save_stack(s, tmp_path / f"{s.name}.nii.gz") for s in stacks]
     run = tmp_path / "run"
     argv = ["-q", "reconstruct", *map(str, paths), "--method", "inr", "--steps", "3", "--run-dir", str(run)]
+    argv += ["--restore", "off"]
     assert main(argv) == 0
     config = json.loads((run / "config.json").read_text())
     assert config["config"]["kind"] == "reconstruct"

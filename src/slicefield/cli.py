@@ -183,6 +183,8 @@ def _field_overrides(args: argparse.Namespace) -> dict:
         overrides["representation"] = args.representation
     if args.steps:
         overrides["steps"] = args.steps
+    if getattr(args, "restore", None):
+        overrides["restore"] = args.restore
     return overrides
 
 
@@ -342,6 +344,7 @@ def cmd_reconstruct(args: argparse.Namespace, reporter: Reporter) -> int:
             "seconds": seconds,
             "steps": result.steps_done,
             "stopped_by_time_budget": result.stopped_by_budget,
+            "restore": result.restore,
             "final_loss": result.history[-1] if result.history else None,
             "environment": environment(),
         }
@@ -1235,6 +1238,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--time-budget", type=float, help="inr/irem: seconds per reconstruction, then keep the result")
         sp.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
         sp.add_argument("--seed", type=int, default=0, help="inr/irem seed (same seed, same output on CPU)")
+        sp.add_argument(
+            "--restore",
+            choices=("auto", "on", "off"),
+            help="inr: self-supervised restoration of the warm start (default auto: on after the srr warm start)",
+        )
 
     def acquisition(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--orientations", default="axial,coronal,sagittal", help="e.g. axial,coronal@10,0,0")

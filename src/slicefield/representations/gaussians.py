@@ -1,4 +1,4 @@
-"""Anisotropic 3D Gaussians with intensities: an explicit field, fitted to slices through an analytic PSF.
+"""Anisotropic 3D Gaussians with intensities: an explicit field, fitted to slices.
 
 The field (GSVR-style; Kerbl et al.'s 3D Gaussian splatting without view dependence) is
 
@@ -18,8 +18,9 @@ thickness) rotated into the voxel frame by the slice pose. A box profile of widt
 the same variance (w^2 / 12): an approximation, stated. The simulator's Gaussian PSF is cut at 3 sigma and
 renormalised; the analytic one is not (a < 0.3 % difference in the weights).
 
-**Scaling on a CPU: nearest-K.** Each query point sums only its ``neighbours`` nearest Gaussian centres (scipy
-``cKDTree``, rebuilt every few steps), none farther than ``cutoff_vox``. Reading the field: nearest in voxel units.
+**Scaling on a CPU: nearest-K** (the protocol's ``forward`` and ``refine`` pixels). Each query point sums only its
+``neighbours`` nearest Gaussian centres (scipy ``cKDTree``, rebuilt every few steps when the centres move), none
+farther than ``cutoff_vox``. Reading the field at a point: nearest in voxel units.
 Acquiring a pixel: nearest in the stack's *whitened* metric (slice-frame mm divided by the std of PSF + a typical
 Gaussian, per axis), so the K Gaussians kept are those the long through-plane PSF reaches, not just the closest
 ones; ``acquire_neighbours`` of them. Without that, the truncated sums of training and reading disagree and the
@@ -31,10 +32,25 @@ the same field with 16, 32 or 128 neighbours gave 28.5, 22.7 and 21.4 dB whole-v
 accumulated gradient of their centres are split in two along their longest axis (scales x 0.6), and those whose
 |amplitude| stays below ``prune_amplitude`` are removed. Off by default (see ``GaussianFitConfig.densify_every``).
 
-**Fit** (:func:`fit_gaussians`): a lattice of Gaussians on a classical reconstruction, then Adam on the squared
-error of random acquired pixels plus SRR's Huber prior on voxel differences of the field at random voxels (SRR's
-automatic weight). The output grid holds the field averaged over each voxel (closed form, voxel footprint as a
-Gaussian of variance 1/12 per axis), so Gaussians narrower than a voxel do not alias.
+**Reading on the grid** (:func:`read_on_grid`) splats: each Gaussian adds to the voxels within 3 stds of its
+centre along each axis (the field averaged over each voxel, in closed form: the voxel footprint is a Gaussian of
+variance 1/12 per axis, so Gaussians narrower than a voxel do not alias). Cost ``G x box``, no neighbour search.
+
+**Fit** (:func:`fit_gaussians`): a classical reconstruction (``warm_start``, srr by default), then
+
+1. *Start*: one isotropic Gaussian (std 0.5 voxel) at each voxel near the signal, amplitudes solved by conjugate
+   gradients so that the grid reading reproduces the warm start on those voxels (:func:`deconvolve_lattice`; the
+   reading of such a lattice is a separable correlation). Coarser lattices (``spacing_vox`` > 1) sample it instead.
+2. *Refine* (``refine``), by Adam:
+
+   - ``grid`` (default; one Gaussian per voxel): the amplitudes, on the exact SRR objective (precomputed slice
+     operator, Huber prior with SRR's automatic weight) of the grid reading, with every slice in every step, as
+     ``inr`` does for its voxel values. Centres and shapes stay, so this is a voxel field seen through a fixed
+     Gaussian kernel; the analytic PSF is not used.
+   - ``pixels``: every parameter (centres, scales, rotations, amplitudes) on the squared error of random acquired
+     pixels through the analytic PSF, plus SRR's Huber prior on voxel differences of the field at random voxels.
+     With densify/prune. Slower, and from the srr start it lost PSNR in every setting measured (see
+     ``GaussianFitConfig.refine``).
 """
 
 from __future__ import annotations
@@ -300,24 +316,49 @@ def psf_covariance_vox(stack, grid_affine: np.ndarray) -> np.ndarray:
 class GaussianFitConfig:
     """How :func:`fit_gaussians` fits Gaussians to stacks (``reconstruct --method gaussians``)."""
 
-    spacing_vox: float = 2.0
-    """Initial lattice of centres: one Gaussian every this many voxels where the warm start has signal. Measured on
-    the test phantom (100 steps, brain PSNR): 1.0 -> 22.5 dB, 1.5 -> 31.9, 2.0 -> 35.0, 2.5 -> 35.1; denser
-    lattices lose because ``acquire_neighbours`` Gaussians then cover less of the through-plane PSF."""
-    sigma_ratio: float = 0.6
-    """Initial std of every Gaussian as a fraction of the lattice spacing."""
+    spacing_vox: float = 1.0
+    """Initial lattice of centres: one Gaussian every this many voxels where the warm start has signal. 1 (the
+    default): one per voxel, amplitudes solved so that the grid reading reproduces the warm start on the voxels near
+    the signal (to ~1e-5; :func:`deconvolve_lattice`); otherwise amplitudes sampled from the warm start (a blurred
+    start). For ``refine`` pixels, measured on the test phantom (bspline start, 64 neighbours, 100 steps, brain
+    PSNR): 1.0 -> 22.5 dB, 1.5 -> 31.9, 2.0 -> 35.0, 2.5 -> 35.1 (too few neighbours per pixel for dense lattices,
+    see ``acquire_neighbours``)."""
+    sigma_ratio: float = 0.5
+    """Initial std of every Gaussian as a fraction of the lattice spacing (0.5 at one per voxel: the grid reading of a
+    Gaussian reaches its 26 neighbouring voxels, 22 % of its peak at the face neighbours). Whole Colin27 x4, grid
+    refinement, 200 steps at lr 0.01: std 0.5 -> 29.35 dB brain PSNR, 0.4 -> 29.34."""
     neighbours: int = 48
-    """Gaussians summed per point when the field is read on the grid."""
-    acquire_neighbours: int = 64
-    """Gaussians summed per acquired pixel (nearest in the stack's whitened metric)."""
+    """``refine`` pixels: Gaussians summed per point when the prior reads the field."""
+    acquire_neighbours: int = 256
+    """``refine`` pixels: Gaussians summed per acquired pixel (nearest in the stack's whitened metric). With one
+    Gaussian per voxel (std 0.5) and 4 mm slices, the srr volume on a 56^3 Colin27 crop predicts the stacks with a
+    mean squared error of 2.2e-4 with 128 neighbours, 0.89e-4 with 256 and 0.91e-4 with 400 (the slice operator's:
+    0.85e-4; intensity-scale units): 128 cut off the through-plane PSF."""
     max_scale_vox: float = 2.0
     """Largest std of a Gaussian (voxels)."""
-    warm_start: Literal["srr", "bspline"] = "bspline"
-    """Volume the initial amplitudes are read from."""
+    warm_start: Literal["srr", "bspline"] = "srr"
+    """Volume the initial amplitudes come from."""
     signal_fraction: float = 0.02
     """Lattice points are kept where the (dilated) warm start exceeds this fraction of the intensity scale."""
+    refine: Literal["grid", "pixels"] = "grid"
+    """How the Gaussians are fitted after the warm start. grid (one Gaussian per voxel only, ``spacing_vox`` 1): their
+    amplitudes, by Adam on the exact SRR objective (precomputed slice operator and Huber prior, as ``inr``) of the
+    field read on the grid, whose gradient is one more separable correlation; centres and shapes stay. pixels: every
+    parameter, by Adam on random acquired pixels through the analytic PSF, plus the Huber prior at random voxels.
+    From the srr start, pixels lost PSNR in every setting tried (56^3 Colin27 crop, x4 stacks, srr 33.70 dB brain
+    PSNR, 2026-11-23): 256 neighbours, amplitudes only, 40 steps at lr 1e-4 -> 33.49, at 3e-4 -> 32.90; 128
+    neighbours, lr 1e-3 and shapes, 50 steps -> 29.00. On whole Colin27 (3.6 M Gaussians) 60 steps took over 4 min."""
     steps: int | None = None
-    """Adam steps; None: 300 (the time budget may stop earlier)."""
+    """Adam steps; None: :data:`GRID_STEPS` for ``refine`` grid, :data:`PIXEL_STEPS` for pixels (the time budget may
+    stop earlier)."""
+    lr_grid: float = 0.01
+    """refine grid: Adam learning rate of the amplitudes (intensity-scale units). Brain PSNR, measured 2026-11-23 on
+    the shared 2-core CPU. Whole Colin27, x4 stacks, 1 % noise (srr 29.22, inr 29.58 to 29.66 dB): 200 steps at
+    0.01 -> 29.35, 0.02 -> 29.41; 150 steps at 0.03 -> 29.42, 0.05 -> 29.48, 0.1 -> 29.55. But on the 28^3 test
+    phantom (srr 35.02, inr 36.35) the refinement loses to srr at every rate (150 steps at 0.01 -> 33.04, 0.03 ->
+    32.97, 0.1 -> 32.74) and Adam's first steps overshoot more at larger rates (20 steps at 0.1 -> 27.03, at 0.01 ->
+    34.17); on the 56^3 Colin27 crop (srr 33.70, inr 33.06): 200 steps at 0.01 -> 33.18, 150 at 0.1 -> 33.19. 0.01
+    is the rate that does not collapse when a time budget stops it early."""
     batch_pixels: int = 4096
     """Acquired pixels per step."""
     lr: float = 0.01
@@ -355,6 +396,9 @@ class GaussianFitConfig:
     None: leave torch's setting."""
     time_budget_s: float | None = None
     """Stop after this many seconds (warm start included) and keep the result so far."""
+    deconvolve_iterations: int = 40
+    """One Gaussian per voxel (``spacing_vox`` 1): conjugate-gradient iterations of the amplitude solve that makes
+    the field read on the grid reproduce the warm start."""
     seed: int = 0
     """Seed of the pixel batches."""
     device: str = "cpu"
@@ -473,36 +517,96 @@ def _make_optimizer(model: GaussianField, config: GaussianFitConfig) -> torch.op
     )
 
 
-#: Points per chunk when reading the field on the grid.
-READ_CHUNK = 2**17
+#: Default number of Adam steps (``GaussianFitConfig.steps`` None) of the grid and the pixels refinements.
+GRID_STEPS = 150
+PIXEL_STEPS = 300
+#: Gaussian-voxel pairs per chunk when splatting the field on the grid (bounds memory).
+SPLAT_CHUNK = 2**22
+#: The grid reading adds each Gaussian to the voxels within this many stds (per axis, of the Gaussian blurred by the
+#: voxel footprint) of its centre.
+READ_SIGMAS = 3.0
 
 
 @torch.no_grad()
 def read_on_grid(model: GaussianField, shape: tuple[int, int, int]) -> np.ndarray:
-    """The field averaged over every voxel of the fit grid, ``shape`` float32 (voxels far from every centre: 0).
+    """The field averaged over every voxel of the fit grid, ``shape`` float32 (voxels no Gaussian reaches: 0).
 
     The average over a voxel uses the Gaussian of the box's variance (:data:`VOXEL_FOOTPRINT_VAR`), in closed form.
+    Splatting: each Gaussian adds to the voxels within :data:`READ_SIGMAS` stds of its centre along every axis
+    (cost ``G x box``, independent of the neighbour search; the plain twin is :meth:`GaussianField.evaluate_vox`).
     """
-    model.refresh_index()
-    out = np.zeros(int(np.prod(shape)), np.float32)
+    out = torch.zeros(int(np.prod(shape)), dtype=torch.float32)
     if model.count == 0:
-        return out.reshape(shape)
-    lo = np.floor(model.means.min(0).values.numpy() - model.config.cutoff_vox).clip(0).astype(int)
-    hi = np.ceil(model.means.max(0).values.numpy() + model.config.cutoff_vox).astype(int)
-    hi = np.minimum(hi, np.array(shape) - 1)
-    sub = [np.arange(lo[a], hi[a] + 1) for a in range(3)]
-    pts = np.stack(np.meshgrid(*sub, indexing="ij"), -1).reshape(-1, 3)
-    flat = np.ravel_multi_index(pts.T, shape)
-    dist, _ = model._tree(None).query(
-        pts.astype(np.float64), k=1, distance_upper_bound=model.config.cutoff_vox, workers=-1
-    )
-    near = np.isfinite(dist)
-    pts, flat = pts[near].astype(np.float32), flat[near]
-    foot = torch.tensor([VOXEL_FOOTPRINT_VAR] * 3 + [0.0] * 3)
-    for i in range(0, len(pts), READ_CHUNK):
-        x = torch.from_numpy(pts[i : i + READ_CHUNK])
-        out[flat[i : i + READ_CHUNK]] = model.evaluate_vox(x, foot.expand(len(x), 6)).numpy()
-    return out.reshape(shape)
+        return out.reshape(shape).numpy()
+    means = model.means.detach().float()
+    cov = model.covariances().detach()
+    cov[:, :3] += VOXEL_FOOTPRINT_VAR
+    det_c, inv = sym6_det_inv(cov.T)
+    peak = model.amplitudes.detach() * torch.sqrt((model.scales().detach() ** 2).prod(-1) / det_c)
+    base = torch.round(means)
+    reach = torch.floor(READ_SIGMAS * cov[:, :3].sqrt() + (means - base).abs()).amax(-1).long()
+    dims = torch.tensor(shape)
+    strides = torch.tensor([shape[1] * shape[2], shape[2], 1])
+    for r in torch.unique(reach).tolist():
+        sel = torch.nonzero(reach == r).squeeze(1)
+        ax = torch.arange(-r, r + 1, dtype=torch.float32)
+        offs = torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), -1).reshape(-1, 3)  # (M, 3)
+        chunk = max(1, SPLAT_CHUNK // len(offs))
+        for i in range(0, len(sel), chunk):
+            idx = sel[i : i + chunk]
+            pts = base[idx, None, :] + offs[None]  # (c, M, 3) voxels
+            d = (pts - means[idx, None, :]).permute(2, 0, 1)  # (3, c, M)
+            w = peak[idx, None] * torch.exp(-0.5 * sym6_quad(inv[:, idx, None], d))
+            p = pts.long()
+            inside = ((p >= 0) & (p < dims)).all(-1)
+            out.index_add_(0, (p[inside] * strides).sum(-1), w[inside])
+    return out.reshape(shape).numpy()
+
+
+def lattice_kernel_1d(sigma_vox: float) -> np.ndarray:
+    """Taps ``(2 r + 1,)`` of the grid reading of a unit Gaussian of std ``sigma_vox`` at a voxel centre, per axis:
+    the reading of a lattice of such Gaussians (one per voxel) is the separable correlation with these taps."""
+    var = sigma_vox**2 + VOXEL_FOOTPRINT_VAR
+    r = int(math.floor(READ_SIGMAS * math.sqrt(var)))
+    t = np.arange(-r, r + 1, dtype=np.float64)
+    return (math.sqrt(sigma_vox**2 / var) * np.exp(-0.5 * t * t / var)).astype(np.float32)
+
+
+def deconvolve_lattice(target: np.ndarray, keep: np.ndarray, *, sigma_vox: float, iterations: int = 40) -> np.ndarray:
+    """Amplitudes ``(n_keep,)`` of Gaussians of std ``sigma_vox`` at the voxels ``keep`` (bool, ``target.shape``)
+    whose grid reading (:func:`read_on_grid`) equals ``target`` on ``keep``: conjugate gradients on the symmetric
+    positive definite ``P K P`` (K: separable correlation with :func:`lattice_kernel_1d`, P: restriction to keep)."""
+    from scipy import ndimage
+
+    idx = np.nonzero(keep)
+    lo = [int(i.min()) for i in idx]
+    hi = [int(i.max()) + 1 for i in idx]
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    m = keep[box].astype(np.float32)
+    b = target[box].astype(np.float32) * m
+    k1 = lattice_kernel_1d(sigma_vox)
+
+    def apply(x: np.ndarray) -> np.ndarray:
+        y = x * m
+        for a in range(3):
+            y = ndimage.correlate1d(y, k1, axis=a, mode="constant")
+        return y * m
+
+    x = b / np.float32(k1.sum() ** 3)
+    r = b - apply(x)
+    p = r.copy()
+    rr = float(np.vdot(r, r))
+    for _ in range(iterations):
+        if rr <= 1e-12 * max(float(np.vdot(b, b)), 1e-30):
+            break
+        ap = apply(p)
+        alpha = rr / max(float(np.vdot(p, ap)), 1e-30)
+        x += np.float32(alpha) * p
+        r -= np.float32(alpha) * ap
+        rr_new = float(np.vdot(r, r))
+        p = r + np.float32(rr_new / rr) * p
+        rr = rr_new
+    return x[keep[box]]
 
 
 def fit_gaussians(
@@ -512,9 +616,10 @@ def fit_gaussians(
     config: GaussianFitConfig = GaussianFitConfig(),
     progress: Callable[[int, int], None] | None = None,
 ) -> GaussianFitResult:
-    """Fit Gaussians to ``stacks`` through the analytic PSF and read them on ``grid`` (shape + voxel -> world mm
-    RAS affine). Starts from a lattice on a classical reconstruction (``warm_start``), then Adam on the mean squared
-    error of random acquired pixels, with densify/prune."""
+    """Fit Gaussians to ``stacks`` and read them on ``grid`` (shape + voxel -> world mm RAS affine). Starts from a
+    lattice on a classical reconstruction (``warm_start``), then Adam (``refine``): on the exact SRR objective of the
+    grid reading (grid, the default), or on random acquired pixels through the analytic PSF (pixels, with
+    densify/prune). See the module docstring."""
     threads = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
@@ -527,6 +632,7 @@ def fit_gaussians(
 def _fit(stacks: list, grid, config: GaussianFitConfig, progress) -> GaussianFitResult:
     from scipy import ndimage
 
+    from ..acquisition.operator import StackOperator
     from ..baselines.bspline import bspline_average
     from ..baselines.srr import auto_weight, intensity_scale, srr
     from ..volume import Volume
@@ -534,16 +640,35 @@ def _fit(stacks: list, grid, config: GaussianFitConfig, progress) -> GaussianFit
     t0 = time.perf_counter()
     if config.device not in ("cpu", "auto"):
         raise ValueError(f"gaussians run on the CPU (got device {config.device!r})")
+    if config.refine == "grid" and config.spacing_vox != 1.0:
+        raise ValueError(f"refine grid needs one Gaussian per voxel (spacing_vox 1, got {config.spacing_vox}); "
+                         "use refine pixels for coarser lattices")  # fmt: skip
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     scale = intensity_scale(stacks)
     init = bspline_average(stacks, grid)
+    operators = None
+    if config.warm_start == "srr" or (config.refine == "grid" and config.spacing_vox == 1.0):
+        operators = [StackOperator(s, grid.shape, grid.affine) for s in stacks]
     if config.warm_start == "srr":
-        init = srr(stacks, grid, init=init)
+        init = srr(stacks, grid, init=init, operators=operators)
     init = init / np.float32(scale)
-    means, scales, amps = lattice_init(
-        init, spacing_vox=config.spacing_vox, sigma_ratio=config.sigma_ratio, threshold=config.signal_fraction
-    )
+    signal = ndimage.maximum_filter(np.abs(init), size=3) > config.signal_fraction
+    if config.spacing_vox == 1.0:  # one Gaussian per voxel near the signal, amplitudes by deconvolution
+        keep = ndimage.binary_dilation(signal, iterations=2)
+        if not keep.any():
+            raise ValueError(
+                f"the {config.warm_start} warm start has no voxel above signal_fraction {config.signal_fraction} "
+                "of the intensity scale: nothing to place Gaussians on"
+            )
+        sigma = config.sigma_ratio
+        means = np.argwhere(keep).astype(np.float32)
+        amps = deconvolve_lattice(init, keep, sigma_vox=sigma, iterations=config.deconvolve_iterations)
+        scales = np.full((len(means), 3), sigma, np.float32)
+    else:
+        means, scales, amps = lattice_init(
+            init, spacing_vox=config.spacing_vox, sigma_ratio=config.sigma_ratio, threshold=config.signal_fraction
+        )
     rep = GaussiansConfig(
         count=0,
         grid_shape=tuple(int(s) for s in grid.shape),
@@ -555,20 +680,31 @@ def _fit(stacks: list, grid, config: GaussianFitConfig, progress) -> GaussianFit
     model = GaussianField.from_parameters(
         torch.from_numpy(means), torch.from_numpy(scales), torch.from_numpy(amps), config=rep
     )
-    model.refresh_index()
-    tree = model._tree(None)
+    if config.refine == "grid":
+        log.info("gaussians: %d Gaussians, one per voxel, %.1f s setup", model.count, time.perf_counter() - t0)
+        values, history, stopped = _refine_on_grid(model, keep, stacks, grid, operators, scale=scale, config=config,
+                                                   t0=t0, progress=progress)  # fmt: skip
+        values *= np.float32(scale)
+        volume = Volume(values.astype(np.float32), grid.affine.copy())
+        return GaussianFitResult(model, scale, volume, history, len(history), stopped)
+    # pixels whose PSF reaches the Gaussians: centre within cutoff_vox of a voxel with signal
+    reach = ndimage.binary_dilation(signal, iterations=int(math.ceil(rep.cutoff_vox)))
+    top = np.array(grid.shape) - 1
 
     def near_signal(vox: np.ndarray) -> np.ndarray:
-        d, _ = tree.query(vox.astype(np.float64), k=1, distance_upper_bound=rep.cutoff_vox, workers=-1)
-        return np.isfinite(d)
+        ijk = np.rint(vox).astype(np.int64)
+        inside = ((ijk >= 0) & (ijk <= top)).all(-1)
+        out = np.zeros(len(vox), bool)
+        out[inside] = reach[tuple(ijk[inside].T)]
+        return out
 
     voxel_mm = float(np.mean(np.linalg.norm(np.asarray(grid.affine)[:3, :3], axis=0)))
     sampler = _PixelSampler(stacks, grid.affine, scale, near_signal, config.sigma_ratio * config.spacing_vox * voxel_mm)
     opt = _make_optimizer(model, config)
-    n_steps = config.steps if config.steps is not None else 300
+    n_steps = config.steps if config.steps is not None else PIXEL_STEPS
     # prior: SRR's objective per pixel is |r|^2 + weight * sum_edges huber / n_pixels; edges ~ 3 x signal voxels
     weight = (auto_weight(stacks) if config.weight is None else config.weight) * config.weight_factor
-    signal_vox = np.argwhere(ndimage.maximum_filter(np.abs(init), size=3) > config.signal_fraction).astype(np.float32)
+    signal_vox = np.argwhere(signal).astype(np.float32)
     prior_scale = weight * 3.0 * len(signal_vox) / max(float(sampler.sizes.sum()), 1.0)
     steps_vox = torch.eye(3)
     foot = torch.tensor([VOXEL_FOOTPRINT_VAR] * 3 + [0.0] * 3)
@@ -578,8 +714,8 @@ def _fit(stacks: list, grid, config: GaussianFitConfig, progress) -> GaussianFit
     log.info("gaussians: %d Gaussians from a %.1f-voxel lattice, %.1f s setup", model.count, config.spacing_vox,
              time.perf_counter() - t0)  # fmt: skip
     for step in range(n_steps):
-        if step and step % config.index_every == 0:
-            model.refresh_index()
+        if step and config.lr_means > 0 and step % config.index_every == 0:
+            model.refresh_index()  # the centres moved
         parts = sampler.batch(rng, config.batch_pixels)
         pred = torch.cat([model.acquire(x, cov, metric) for x, cov, _, metric in parts])
         loss = torch.mean((pred - torch.cat([y for _, _, y, _ in parts])) ** 2)
@@ -610,4 +746,72 @@ def _fit(stacks: list, grid, config: GaussianFitConfig, progress) -> GaussianFit
             break
     values = read_on_grid(model, tuple(grid.shape)) * np.float32(scale)
     volume = Volume(values.astype(np.float32), grid.affine.copy())
-    return GaussianFitResult(model, scale, volume, history, step + 1, stopped)
+    return GaussianFitResult(model, scale, volume, history, len(history), stopped)
+
+
+def _refine_on_grid(
+    model: GaussianField,
+    keep: np.ndarray,
+    stacks: list,
+    grid,
+    operators: list,
+    *,
+    scale: float,
+    config: GaussianFitConfig,
+    t0: float,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[np.ndarray, list[dict], bool]:
+    """``refine`` grid: Adam on the amplitudes of a lattice of identical Gaussians, one at each voxel of ``keep``
+    (``model``'s order: C order of ``keep``), on the exact SRR objective of their grid reading. The reading is the
+    separable correlation of the amplitude grid with :func:`lattice_kernel_1d` (self-adjoint), so the amplitudes'
+    gradient is the correlation of the grid gradient; both are taken in the bounding box of ``keep`` plus the
+    kernel's reach. Updates ``model.amplitudes`` in place; returns the final grid reading ``grid.shape`` float32
+    (intensity-scale units; equal to :func:`read_on_grid` of the model, its fast path), the history and whether the
+    time budget stopped it."""
+    from scipy import ndimage
+
+    from ..baselines.srr import auto_weight
+    from ..fit.objective import GridObjective
+
+    weight = (auto_weight(stacks) if config.weight is None else config.weight) * config.weight_factor
+    objective = GridObjective(stacks, grid, scale=scale, weight=weight, delta=config.huber_delta,
+                              device=torch.device("cpu"), operators=operators)  # fmt: skip
+    k1 = lattice_kernel_1d(float(model.scales().detach()[0, 0]))
+    r = len(k1) // 2
+    idx = np.nonzero(keep)
+    box = tuple(slice(max(int(i.min()) - r, 0), int(i.max()) + r + 1) for i in idx)
+    m = keep[box].astype(np.float32)
+
+    def correlate(v: np.ndarray) -> np.ndarray:
+        for a in range(3):
+            v = ndimage.correlate1d(v, k1, axis=a, mode="constant")
+        return v
+
+    amps = torch.zeros(m.shape, dtype=torch.float32)
+    amps[torch.from_numpy(keep[box])] = model.amplitudes.detach()
+    amps.requires_grad_(True)
+    opt = torch.optim.Adam([amps], lr=config.lr_grid)
+    n_steps = config.steps if config.steps is not None else GRID_STEPS
+    history: list[dict] = []
+    stopped = False
+    x = np.zeros(grid.shape, np.float32)
+    t_loop = time.perf_counter()
+    for step in range(n_steps):
+        per_step = (time.perf_counter() - t_loop) / step if step else 0.0
+        if config.time_budget_s is not None and time.perf_counter() - t0 + per_step > config.time_budget_s:
+            stopped = True  # a step that would end past the budget is not started
+            break
+        x[box] = correlate(amps.detach().numpy() * m)
+        data, reg, g, _ = objective.value_and_grad(torch.from_numpy(x))
+        opt.zero_grad()
+        amps.grad = torch.from_numpy(correlate(g.numpy()[box]) * m)
+        opt.step()
+        history.append({"step": step + 1, "loss": data + reg, "gaussians": model.count})
+        if progress is not None:
+            progress(step + 1, n_steps)
+    log.info("gaussians: %d grid steps in %.1f s (%.1f s since the start)", len(history),
+             time.perf_counter() - t_loop, time.perf_counter() - t0)  # fmt: skip
+    x[box] = correlate(amps.detach().numpy() * m)
+    with torch.no_grad():
+        model.amplitudes.copy_(amps.detach()[torch.from_numpy(keep[box])])
+    return x, history, stopped
