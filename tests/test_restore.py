@@ -86,3 +86,14 @@ def test_a_time_budget_too_short_for_it_skips_the_restoration(case):
     truth, stacks, _, _, _ = case
     fitted = fit_field(stacks, truth, config=FitConfig(device="cpu", restoration=QUICK, time_budget_s=1.0))
     assert fitted.restore == {"used": False, "skipped": "time budget"}
+
+
+def test_auto_leaves_neural_fields_alone():
+    """auto restores only the voxel field's srr start: a neural field needs its budget for its own fit."""
+    from slicefield.fit.engine import _restores
+
+    assert _restores(FitConfig(), "srr")
+    assert not _restores(FitConfig(representation="hashgrid"), "srr")
+    assert not _restores(FitConfig(), "bspline")
+    assert _restores(FitConfig(representation="hashgrid", restore="on"), "srr")
+    assert not _restores(FitConfig(restore="off"), "srr")

@@ -96,7 +96,7 @@ class FitConfig:
     """Steps of distillation of the warm start into a non-voxel field."""
     restore: Literal["auto", "on", "off"] = "auto"
     """Improve the warm start with the self-supervised restoration network (:mod:`slicefield.fit.restore`) before
-    fitting; auto: on with the srr warm start (the CPU default) and no prior volume."""
+    fitting; auto: on for the voxel field with the srr warm start (the CPU default) and no prior volume."""
     restoration: RestoreConfig = field(default_factory=RestoreConfig)
     """How the restoration network is trained (its seed is this config's ``seed``)."""
     time_budget_s: float | None = None
@@ -477,7 +477,11 @@ def fit_field(
 
 
 def _restores(config: FitConfig, warm: str) -> bool:
-    return config.restore == "on" or (config.restore == "auto" and warm == "srr")
+    # auto: only where the restored volume is the answer (a voxel field); a neural field needs its budget for the
+    # distillation and its steps (with the restoration first, planes/hashgrid/siren at a 45 s budget were left at
+    # 5 dB on Colin27 2 mm, 2026-11-23)
+    auto = config.restore == "auto" and warm == "srr" and config.representation == "voxel"
+    return config.restore == "on" or auto
 
 
 def _restore(
