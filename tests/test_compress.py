@@ -208,3 +208,11 @@ def test_header_that_lies_about_the_payload_is_refused(good_file, tmp_path):
     header["field"]["step"] = -1.0
     with pytest.raises(SlicefieldError, match="malformed header"):
         read_sfz(_damaged(tmp_path, pack_sfz(header, payload)))
+
+
+def test_cli_unknown_field_kind_is_a_one_line_error(tmp_path, capsys):
+    out = tmp_path / "a.sfz"
+    assert main(["-q", "compress", str(ANATOMICAL), "-o", str(out), "--fields", "pyramid,hashgrid"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--fields" in err and "pyramid,voxel" in err
+    assert not out.exists()

@@ -265,8 +265,12 @@ def _psnr_of(values: np.ndarray, bits: int, target: np.ndarray, data_range: floa
     return psnr(target, decoded, data_range=data_range)
 
 
-def _search_voxel(volume: Volume, data: np.ndarray, data_range: float, config: CompressConfig, t0: float) -> list:
-    """Candidates ``(blob, psnr, met, result fields)`` of the voxel field's rate search (see the module docstring)."""
+#: What a field's rate search returns: candidates ``(blob, psnr, met, result fields)`` and every trial it measured.
+_Search = tuple[list[tuple[bytes, float, bool, dict]], list[dict]]
+
+
+def _search_voxel(volume: Volume, data: np.ndarray, data_range: float, config: CompressConfig, t0: float) -> _Search:
+    """The voxel field's rate search (see the module docstring)."""
     out, tried = [], []
     for factor in sorted(config.factors):
         if config.time_budget_s is not None and out and time.perf_counter() - t0 > config.time_budget_s:
@@ -463,7 +467,7 @@ def _decode_pyramid(header: dict, raw: bytes, fix, path) -> np.ndarray:
     )  # fmt: skip
 
 
-def _search_pyramid(volume: Volume, data: np.ndarray, data_range: float, config: CompressConfig, t0: float):
+def _search_pyramid(volume: Volume, data: np.ndarray, data_range: float, config: CompressConfig, t0: float) -> _Search:
     """Bisect the pyramid's step (log scale) for the largest one that meets the target PSNR."""
     a = _analyse(data, levels=config.levels)
 
