@@ -14,9 +14,10 @@ against ``X`` is measured every ``validate_every`` steps. The best state is kept
 ``min_gain_db``, ``X`` is returned unchanged. Frames: everything here is on the fit grid (voxel index order);
 intensities are divided by the 99th percentile of the foreground for the network and restored after.
 
-Measured (``benchmarks/RESULTS.md``, 2026-11-23, 2-core CPU): brain PSNR over ``srr`` +0.54 dB on Colin27 1 mm ×4,
-+0.66 dB on MNI152 1 mm ×4, +1.09 / +1.12 dB on MNI152 at 3 mm / 2 mm with oblique 6 mm stacks, +0.65 dB on Colin27
-3 mm; on nibabel's small 33×41×25 T1 the guard declined (validation gain < 0), leaving ``srr``.
+Training batches are flipped along random voxel axes (``flips``). Measured (``benchmarks/RESULTS.md``,
+2026-11-23, 2-core CPU): brain PSNR over ``srr`` +0.55 dB on Colin27 1 mm ×4, +0.64 dB on MNI152 1 mm ×4, +1.17 /
++1.14 dB on MNI152 at 3 mm / 2 mm with oblique 6 mm stacks, +0.67 dB on Colin27 3 mm, +0.95 dB on Colin27 2 mm; on
+nibabel's small 33×41×25 T1 the guard declined (validation gain < 0), leaving ``srr``.
 """
 
 from __future__ import annotations
@@ -67,6 +68,13 @@ class RestoreConfig:
     """Below this validation gain (dB), the network is not used and the reconstruction is returned unchanged."""
     seed: int = 0
     """Seed of the re-acquisition noise, the initial weights and the patch draws."""
+    flips: bool = True
+    """Flip each training batch along a random subset of the voxel axes (data augmentation). With stacks along the
+    voxel axes a flip leaves the degradation as it is; an oblique stack's slices are mirrored, which was measured to
+    help too. Gain over srr without / with, brain PSNR, 2026-11-23, shared 2-core CPU (``benchmarks/restore_cases.py``
+    cases): Colin27 3 mm +0.65 / +0.67, MNI152 3 mm oblique +1.09 / +1.17, Colin27 2 mm +0.92 / +0.95 dB. Averaging
+    the network over the 8 flips of its input at inference added another 0.02-0.06 dB there, but costs 8 passes
+    (about 45 s on whole Colin27): not done."""
 
 
 @dataclass
@@ -175,6 +183,10 @@ def restore_reconstruction(
             xs.append(inp[sl])
             ys.append(tgt[sl])
         xb, yb = torch.stack(xs)[:, None], torch.stack(ys)[:, None]
+        if config.flips:
+            dims = tuple(int(d) + 2 for d in np.flatnonzero(rng.random(3) < 0.5))
+            if dims:
+                xb, yb = xb.flip(dims), yb.flip(dims)
         loss = ((xb + net(xb) - yb)[..., m:-m, m:-m, m:-m] ** 2).mean()
         opt.zero_grad()
         loss.backward()
