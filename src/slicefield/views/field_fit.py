@@ -43,7 +43,16 @@ import torch
 
 from ..errors import SlicefieldError
 from ..geometry import apply_affine
-from .fit import ViewFit, ViewFitConfig, _fista, make_projector, orbit_frame_grid, solve, split, support_mask
+from .fit import (
+    ViewFit,
+    ViewFitConfig,
+    _fista,
+    make_projector,
+    orbit_frame_grid,
+    solve,
+    split_with_held_out,
+    support_mask,
+)
 from .io import Views
 
 log = logging.getLogger(__name__)
@@ -115,12 +124,7 @@ class _Problem:
 
 
 def _problem(views: Views, config: FieldViewFitConfig, t0: float) -> _Problem:
-    train, held = split(len(views.cameras), config.train_every)
-    if not held:
-        raise SlicefieldError(
-            f"{len(views.cameras)} views with train_every {config.train_every} leave none held out",
-            fix="render more views or lower train_every",
-        )
+    train, held = split_with_held_out(len(views.cameras), config.train_every)
     grid = orbit_frame_grid(views.cameras)
     warm_cfg = replace(config.warm, train_every=config.train_every, time_budget_s=config.time_budget_s)
     projector = make_projector([views.cameras[k] for k in train], grid, warm_cfg.projector)

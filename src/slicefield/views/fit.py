@@ -124,6 +124,17 @@ def split(n_views: int, train_every: int) -> tuple[list[int], list[int]]:
     return train, [k for k in range(n_views) if k % train_every]
 
 
+def split_with_held_out(n_views: int, train_every: int) -> tuple[list[int], list[int]]:
+    """:func:`split`, with a one-line error when no view is left to hold out."""
+    train, held = split(n_views, train_every)
+    if not held:
+        raise SlicefieldError(
+            f"{n_views} views with --train-every {train_every} leave none held out",
+            fix="render more views or lower --train-every",
+        )
+    return train, held
+
+
 def _tv(z: np.ndarray) -> tuple[float, np.ndarray]:
     """Sum of sqrt(|forward differences|^2 + eps^2) (replicated border) and its gradient."""
     d = [np.diff(z, axis=a, append=np.take(z, [-1], axis=a)) for a in range(3)]
@@ -266,12 +277,7 @@ def fit_views(
     views: Views, config: ViewFitConfig = ViewFitConfig(), *, progress: Callable[[int, int], None] | None = None
 ) -> ViewFit:
     """Fit the training views of ``views``, then render its held-out cameras from the fitted grid."""
-    train, held = split(len(views.cameras), config.train_every)
-    if not held:
-        raise SlicefieldError(
-            f"{len(views.cameras)} views with --train-every {config.train_every} leave none held out",
-            fix="render more views or lower --train-every",
-        )
+    train, held = split_with_held_out(len(views.cameras), config.train_every)
     grid = orbit_frame_grid(views.cameras)
     t0 = time.perf_counter()
     projector = make_projector([views.cameras[k] for k in train], grid, config.projector)
