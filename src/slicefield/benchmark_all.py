@@ -313,15 +313,14 @@ def run_views(truth: Volume, work: Path, *, config: TableConfig) -> list[dict]:
             "rss_start_mb": rss0,
         }
     ]
-    # "inr voxel" is the voxel fit above; the other rows fit views_field_fit's fields on the same views and budget
+    # "inr voxel" is the voxel fit above; the other rows fit slicefield.views.field_fit on the same views and budget
     from .views.field_fit import FieldViewFitConfig, fit_views_field, fit_views_gaussians
-    from .views.fit import ViewFitConfig as _VFC
     from .views.io import read_views
 
     views = read_views(views_dir)
     field_cfg = FieldViewFitConfig(
         train_every=TRAIN_EVERY,
-        warm=_VFC(iterations=min(20, config.view_iterations)),
+        warm=ViewFitConfig(iterations=min(20, config.view_iterations)),
         warm_steps=config.reconstruct.inr.warm_steps,
         batch_voxels=config.reconstruct.inr.batch_voxels,
         time_budget_s=config.budget_s,

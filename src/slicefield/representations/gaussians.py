@@ -611,7 +611,6 @@ def deconvolve_lattice(target: np.ndarray, keep: np.ndarray, *, sigma_vox: float
     """Amplitudes ``(n_keep,)`` of Gaussians of std ``sigma_vox`` at the voxels ``keep`` (bool, ``target.shape``)
     whose grid reading (:func:`read_on_grid`) equals ``target`` on ``keep``: conjugate gradients on the symmetric
     positive definite ``P K P`` (K: separable correlation with :func:`lattice_kernel_1d`, P: restriction to keep)."""
-
     idx = np.nonzero(keep)
     lo = [int(i.min()) for i in idx]
     hi = [int(i.max()) + 1 for i in idx]
@@ -806,7 +805,6 @@ def _refine_on_grid(
     ``lr_grid``. Updates ``model.amplitudes`` in place; returns the final grid reading ``grid.shape`` float32
     (intensity-scale units; equal to :func:`read_on_grid` of the model, its fast path), the history and whether the
     time budget stopped it."""
-
     from ..baselines.srr import auto_weight
     from ..fit.objective import GridObjective
 
