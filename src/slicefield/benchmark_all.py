@@ -14,7 +14,7 @@ truth's voxel (8 mm / 16 mm at 2 mm); every method reconstructs on the truth's g
   start distilled into non-voxel fields) except ``steps`` unlimited and ``time_budget_s`` = the budget;
 - ``irem``: method irem (the IREM paper's Fourier-feature MLP and schedule, slice mini-batches, no warm start),
   budget as above;
-- ``gaussians``: ``fit_gaussians`` (what ``reconstruct --method gaussians`` calls, CPU), budget as above;
+- ``gaussians``: ``fit_gaussians`` (what ``reconstruct --method gaussians`` calls), budget and device as above;
 - ``inr voxel + MNI152 prior``: method inr with ``prior=`` MNI152 2009a (another subject) downsampled the same way
   (default PriorConfig: affine + deformable registration to the srr estimate, local intensity match, automatic
   pull); the registration counts inside the same budget (``fit_field`` starts its clock before it).
@@ -108,7 +108,7 @@ class TableConfig:
     view_iterations: int = 100
     """Views task: FISTA iterations of the voxel fit."""
     device: str = "auto"
-    """inr / irem rows: auto (CUDA when available), cpu or cuda (gaussians and views run on the CPU)."""
+    """inr / irem / gaussians rows: auto (CUDA when available), cpu or cuda (views run on the CPU)."""
     warm_up: bool = True
     """Run one tiny fit of each kind first, so that one-time imports (seconds) are not charged to the first row."""
     reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
@@ -215,7 +215,7 @@ def _warm_up(device: str) -> None:
     truth.data[3:9, 3:9, 3:9] = 1.0
     stacks, _ = simulate(truth, SimulationConfig(thickness=2.0, noise=0.0))
     fit(stacks, truth, config=ReconstructConfig(method="inr", inr=FitConfig(steps=2, device=device)))
-    fit_gaussians(stacks, truth, config=GaussianFitConfig(steps=2))
+    fit_gaussians(stacks, truth, config=GaussianFitConfig(steps=2, device=device))
 
 
 def _stacks_row(
@@ -235,7 +235,7 @@ def _stacks_row(
     elif name.startswith("irem"):
         r = fit(stacks, grid, config=replace(base, method="irem", irem=replace(base.irem, **budgeted)))
     elif name == "gaussians":
-        cfg = replace(base.gaussians, steps=UNLIMITED_STEPS, time_budget_s=config.budget_s)
+        cfg = replace(base.gaussians, steps=UNLIMITED_STEPS, time_budget_s=config.budget_s, device=config.device)
         g = fit_gaussians(stacks, grid, config=cfg)
         return g.volume, _n_params(g.model), {"steps": g.steps_done, "gaussians": int(g.model.means.shape[0])}
     elif "prior" in name:

@@ -189,10 +189,10 @@ def _field_overrides(args: argparse.Namespace) -> dict:
 
 
 def _gaussians_config(base, overrides: dict):
-    """The gaussians method's config with the field options it has (--time-budget, --steps, --seed)."""
+    """The gaussians method's config with the field options it has (--device, --time-budget, --steps, --seed)."""
     from dataclasses import fields, replace
 
-    names = {f.name for f in fields(base)} - {"device"}  # gaussians run on the CPU
+    names = {f.name for f in fields(base)}
     return replace(base, **{k: v for k, v in overrides.items() if k in names})
 
 
@@ -1367,7 +1367,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="inr/irem: seconds per reconstruction, then keep the result (--methods all: every fitted one, default 45)",
     )
-    s.add_argument("--device", default="auto", help="inr/irem: auto (CUDA when available), cpu or cuda")
+    s.add_argument("--device", default="auto", help="inr/irem/gaussians: auto (CUDA when available), cpu or cuda")
     acquisition(s)
     s.set_defaults(func=cmd_benchmark)
 
@@ -1421,7 +1421,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--iterations", type=int, default=12, help="srr CG iterations per solve")
     s.add_argument("--steps", type=int, help="inr/irem optimisation steps per subject")
     s.add_argument("--time-budget", type=float, help="inr/irem: seconds per subject")
-    s.add_argument("--device", default="auto", help="inr/irem: auto, cpu or cuda")
+    s.add_argument("--device", default="auto", help="inr/irem/gaussians: auto, cpu or cuda")
     s.add_argument("--seed", type=int, default=0, help="inr/irem seed")
     s.add_argument("--bids-suffix", default="T2w", help="BIDS: stacks are sub-*/[ses-*/]anat/*_<suffix>.nii.gz")
     s.add_argument("--workers", type=int, default=2, help="local cluster: worker processes")
