@@ -58,17 +58,34 @@ def test_time_budget_stops_the_field_fit(views: Views) -> None:
     assert fit.seconds < 10.0 and np.isfinite(fit.rendered).all()
 
 
-def test_gaussians_reading_reproduces_the_start_and_the_fit_scores_like_it(views: Views) -> None:
+def test_gaussians_fit_in_closed_form_beats_the_voxel_fit(views: Views) -> None:
+    from slicefield.views.field_fit import lattice_view_operator
+
     cfg = FieldViewFitConfig(train_every=TRAIN_EVERY, warm=WARM, steps=100)
-    fit, keep, start = fit_views_gaussians(views, config=cfg)
+    fit, keep, amplitudes = fit_views_gaussians(views, config=cfg)
     voxel = fit_views(views, ViewFitConfig(train_every=TRAIN_EVERY, iterations=20))
-    reading = gaussian_reading(start.astype(np.float64), sigma_vox=cfg.sigma_vox)
-    peak = float(voxel.grid_values.max())
-    assert np.abs(reading[keep] - voxel.grid_values[keep]).max() < 1e-3 * peak
-    assert np.all(start[~keep] == 0) and 0 < keep.sum() < keep.size
+    assert np.all(amplitudes[~keep] == 0) and np.all(amplitudes >= 0) and 0 < keep.sum() < keep.size
+    # the held-out views are the closed-form line integrals of the returned Gaussians; the grid values their reading
+    held, _ = lattice_view_operator([views.cameras[k] for k in fit.held_out], fit.grid, keep, sigma_vox=cfg.sigma_vox)
+    assert np.allclose(fit.rendered, held(amplitudes.astype(np.float64)), rtol=1e-5, atol=1e-5 * fit.rendered.max())
+    reading = gaussian_reading(amplitudes.astype(np.float64), sigma_vox=cfg.sigma_vox)
+    assert np.allclose(fit.grid_values, reading, atol=1e-5 * reading.max())
     losses = [h["data"] for h in fit.history if "data" in h]
     assert len(losses) == 100 and losses[-1] < losses[0]
-    assert _psnr(views, fit) > _psnr(views, voxel)  # 45.2 dB against 44.9 (2026-11-23)
+    assert _psnr(views, fit) > _psnr(views, voxel)  # 46.47 dB against 44.91 (2026-12-07)
+
+
+def test_gaussians_fit_cone_beam_views_through_the_general_closed_form() -> None:
+    phantom = brain_phantom(24)
+    cfg = OrbitConfig(n_views=24, step_deg=15.0, size=20, projection="cone", source_to_iso_mm=60.0,
+                      source_to_detector_mm=90.0)  # fmt: skip
+    cams = plan_orbit(phantom, cfg)
+    meta = {"subject": {"shape": list(phantom.shape), "affine": phantom.affine.tolist()}, "mode": "drr"}
+    cone = Views(render_volume(phantom, cams), cams, [15.0 * k for k in range(24)], meta)
+    start, _, _ = fit_views_gaussians(cone, config=FieldViewFitConfig(train_every=TRAIN_EVERY, warm=WARM, steps=0))
+    fit, keep, _ = fit_views_gaussians(cone, config=FieldViewFitConfig(train_every=TRAIN_EVERY, warm=WARM, steps=100))
+    # 45.9 dB after 100 iterations from 34.4 dB at the start; the voxel fit: 49.4 (2026-12-07)
+    assert _psnr(cone, fit) > 42.0 and _psnr(cone, fit) > _psnr(cone, start) + 3.0
 
 
 def test_unknown_representation_is_one_clear_error(views: Views) -> None:

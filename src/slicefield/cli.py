@@ -1123,7 +1123,8 @@ def cmd_views(args: argparse.Namespace, reporter: Reporter) -> int:
             projector=args.projector,
         )
         with reporter.task("fitting") as cb:
-            metrics = fit_folder(args.views_dir, args.out_dir, config, command=sys.argv, progress=cb)
+            metrics = fit_folder(args.views_dir, args.out_dir, config, representation=args.representation,
+                                 command=sys.argv, progress=cb)  # fmt: skip
     else:
         metrics = evaluate_field(
             args.field_dir,
@@ -1534,6 +1535,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tv-weight", type=float, default=1e-9, help="total-variation weight (0: none)")
     t.add_argument("--time-budget", type=float, help="seconds for the iterations, then keep the result")
     t.add_argument("--projector", choices=("auto", "sparse", "torch"), default="auto", help="auto: sparse if parallel")
+    t.add_argument("--representation", choices=("voxel", "gaussians"), default="voxel",
+                   help="voxel grid, or one 3D Gaussian per voxel rendered by closed-form line integrals")  # fmt: skip
     t = vsub.add_parser("evaluate", help="PSNR / SSIM of each held-out view of a field folder")
     t.add_argument("field_dir", help="field folder written by slicefield views fit")
     t.add_argument("--fid", action="store_true", help="FID of rendered vs true held-out views")

@@ -236,16 +236,32 @@ def solve(
     return (z * b_scale * k).astype(np.float32), history
 
 
-def _fista(fwd, adj, bs, z0, config: ViewFitConfig, *, history: list[dict], t0: float, progress) -> np.ndarray:
+def _fista(
+    fwd,
+    adj,
+    bs,
+    z0,
+    config: ViewFitConfig,
+    *,
+    history: list[dict],
+    t0: float,
+    progress,
+    support=None,
+    penalty: Callable[[np.ndarray], tuple[float, np.ndarray]] | None = None,
+    penalty_lipschitz: float = 0.0,
+) -> np.ndarray:
     """Accelerated projected gradient (FISTA with gradient restart) on ``1/2 ||A z - b||^2 + tv_weight TV(z)``
-    over ``z >= 0`` and ``z = 0`` outside the carved support."""
+    (``+ penalty(z)``: a callable returning its value and gradient, the gradient's Lipschitz constant being
+    ``penalty_lipschitz``) over ``z >= 0`` and ``z = 0`` outside ``support`` (default: the carved support of
+    ``adj``)."""
     n_vox = z0.size
     lam = config.tv_weight * n_vox ** (2.0 / 3.0)  # TV sums over n^3 voxels; keep the weight per unit area
     lip_data = POWER_SAFETY * _power_norm(fwd, adj, z0.shape)
-    lip = lip_data + lam * TV_LIPSCHITZ / TV_EPS
+    lip = lip_data + lam * TV_LIPSCHITZ / TV_EPS + penalty_lipschitz
     log.debug("FISTA: data Lipschitz %.3g, TV %.3g", lip_data, lam * TV_LIPSCHITZ / TV_EPS)
     tau = 1.0 / lip
-    support = support_mask(adj, bs)
+    if support is None:
+        support = support_mask(adj, bs)
     z = np.where(support, np.maximum(z0, 0.0), 0.0)
     y = z.copy()
     t = 1.0
@@ -256,6 +272,11 @@ def _fista(fwd, adj, bs, z0, config: ViewFitConfig, *, history: list[dict], t0: 
         if lam:
             tv, g = _tv(y)
             grad += lam * g
+        extra = {}
+        if penalty is not None:
+            value, g = penalty(y)
+            grad += g
+            extra["penalty"] = value
         z_new = np.where(support, np.maximum(y - tau * grad, 0.0), 0.0)
         # Restart the momentum when it points uphill (O'Donoghue and Candes 2015).
         if float(np.vdot(grad, z_new - z)) > 0:
@@ -263,9 +284,8 @@ def _fista(fwd, adj, bs, z0, config: ViewFitConfig, *, history: list[dict], t0: 
         t_new = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * t * t))
         y = z_new + ((t - 1.0) / t_new) * (z_new - z)
         z, t = z_new, t_new
-        history.append(
-            {"iteration": it, "seconds": time.perf_counter() - t0, "data": 0.5 * float(np.vdot(r, r)), "tv": lam * tv}
-        )
+        data = 0.5 * float(np.vdot(r, r))
+        history.append({"iteration": it, "seconds": time.perf_counter() - t0, "data": data, "tv": lam * tv, **extra})
         if progress is not None:
             progress(it, config.iterations)
         if config.time_budget_s is not None and time.perf_counter() - t0 > config.time_budget_s:

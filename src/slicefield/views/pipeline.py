@@ -4,7 +4,10 @@ A field folder (``slicefield views fit``) is a run directory (:mod:`slicefield.r
 
     field.nii.gz         the fitted volume, resampled onto the subject's grid (affine from cameras.json)
     field_orbit.nii.gz   the fitted volume on its own orbit-aligned grid (no resampling)
-    heldout.npy          (n_held_out, H, W) float32 DRRs of the held-out cameras from the fitted grid
+    heldout.npy          (n_held_out, H, W) float32 DRRs of the held-out cameras from the fitted grid (gaussians:
+                         the Gaussians' closed-form line integrals)
+    gaussians.npz        representation gaussians only: ``means_mm`` (N, 3) world mm RAS, ``std_mm`` (isotropic),
+                         ``amplitudes`` (N,) intensity: render any camera with slicefield.views.splat
     split.json           training and held-out view indices, the views folder
     metrics.json         PSNR / SSIM per held-out view, their mean and std, fit seconds
     history.json         the optimisation's objective per iteration
@@ -21,6 +24,7 @@ import numpy as np
 
 from ..errors import SlicefieldError
 from ..io import load_volume, save_volume
+from ..io.atomic import atomic_path
 from ..runs import RunDir
 from ..volume import Volume
 from .cameras import Camera, OrbitConfig, orbit
@@ -28,6 +32,11 @@ from .checks import check_cameras, check_volume_units, foreground_corners, neede
 from .fit import ViewFitConfig, fit_views, to_subject_grid, view_metrics
 from .io import read_views, write_views
 from .render import RenderConfig, emission_scale, render_field, render_volume
+
+#: What ``views fit`` can fit (``fit_folder``'s ``representation``).
+VIEW_REPRESENTATIONS = ("voxel", "gaussians")
+#: representation gaussians: FISTA iterations of the voxel fit that starts the Gaussians (at most ``iterations``).
+GAUSSIAN_WARM_ITERATIONS = 20
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +129,20 @@ def fit_folder(
     out_dir: str | Path,
     config: ViewFitConfig | None = None,
     *,
+    representation: str = "voxel",
     command: list[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """``slicefield views fit``: fit the training views, write a field folder (module docstring); returns metrics."""
+    """``slicefield views fit``: fit the training views, write a field folder (module docstring); returns metrics.
+
+    representation: ``voxel`` (:func:`~.fit.fit_views`) or ``gaussians`` (:func:`~.field_fit.fit_views_gaussians`:
+    one Gaussian per voxel, views in closed form; ``config.iterations`` FISTA iterations on the amplitudes after a
+    voxel fit of :data:`GAUSSIAN_WARM_ITERATIONS`, the whole within ``config.time_budget_s``)."""
     config = config or ViewFitConfig()
+    if representation not in VIEW_REPRESENTATIONS:
+        raise SlicefieldError(
+            f"unknown representation {representation!r} for views fit", fix=f"use {' or '.join(VIEW_REPRESENTATIONS)}"
+        )
     views = read_views(views_dir)
     if views.meta.get("mode", "drr") != "drr":
         raise SlicefieldError(
@@ -132,10 +150,26 @@ def fit_folder(
             path=views_dir,
             fix="render with --mode drr",
         )
-    run = RunDir.create(out_dir, config=config, command=command)
+    if representation == "gaussians":
+        from .field_fit import FieldViewFitConfig, fit_views_gaussians, lattice_centres_mm
+
+        gauss = FieldViewFitConfig(
+            train_every=config.train_every,
+            warm=replace(config, iterations=min(GAUSSIAN_WARM_ITERATIONS, config.iterations)),
+            steps=config.iterations,
+            time_budget_s=config.time_budget_s,
+        )
+    run = RunDir.create(out_dir, config=gauss if representation == "gaussians" else config, command=command)
     with run:
         with run.timed("fit"):
-            fit = fit_views(views, config, progress=progress)
+            if representation == "gaussians":
+                fit, keep, amplitudes = fit_views_gaussians(views, config=gauss, progress=progress)
+            else:
+                fit = fit_views(views, config, progress=progress)
+        if representation == "gaussians":
+            with atomic_path(run.path / "gaussians.npz") as tmp, open(tmp, "wb") as f:
+                np.savez(f, means_mm=lattice_centres_mm(fit.grid, keep), std_mm=gauss.sigma_vox * fit.grid.pixel_mm,
+                         amplitudes=amplitudes[keep])  # fmt: skip
         orbit_vol = Volume(fit.grid_values, fit.grid.affine)
         save_volume(orbit_vol, run.path / "field_orbit.nii.gz")
         with run.timed("export"):
