@@ -29,8 +29,11 @@ Task ``views``: 72 parallel-beam DRRs (``view_size``^2 pixels, 5 deg about world
 data range = that true view's max - min, mean over views). The other rows (planes, hashgrid, siren, irem, gaussians)
 are :mod:`slicefield.views.field_fit` on the same views and split, budget as the stacks rows: the field read on the
 orbit grid (warm start: the voxel fit with min(20, ``view_iterations``) FISTA iterations, distilled in the inr
-config's ``warm_steps``), or a lattice of Gaussians rendered through its grid reading. The MNI152-prior row says
-"not implemented" (bspline and srr are slice-stack methods and have no view row).
+config's ``warm_steps``), or one Gaussian per voxel rendered by closed-form line integrals. The MNI152-prior row is
+:func:`slicefield.views.prior_fit.fit_views_prior`: the same warm voxel fit is the reference that MNI152 is
+registered to (:data:`~slicefield.views.prior_fit.VIEW_PRIOR`), then CGLS + FISTA from the matched prior
+(:data:`~slicefield.views.prior_fit.PRIOR_ITERATIONS`), within the budget (registration included); without a
+prior volume the row is skipped (bspline and srr are slice-stack methods and have no view row).
 
 Columns: PSNR / SSIM brain = ``evaluate(truth, recon, mask=foreground_mask(truth))`` (data range = truth max -
 min); wall s = the call's wall time; parameters = ``sum(p.numel())`` of the fitted model (classical / view rows: the
@@ -274,8 +277,10 @@ def run_stacks(task: str, truth: Volume, *, thickness_mm: float, prior: Volume, 
     return rows
 
 
-def run_views(truth: Volume, work: Path, *, config: TableConfig) -> list[dict]:
-    """The views task (module docstring); renders and the fitted field are written under ``work``."""
+def run_views(truth: Volume, work: Path, *, config: TableConfig, prior: Volume | None = None) -> list[dict]:
+    """The views task (module docstring); renders and the fitted field are written under ``work``.
+
+    prior: the prior row's volume (any grid); None: that row is skipped."""
     from .io import load_volume, save_volume
     from .views.cameras import OrbitConfig
     from .views.fit import ViewFitConfig, view_metrics
@@ -327,14 +332,19 @@ def run_views(truth: Volume, work: Path, *, config: TableConfig) -> list[dict]:
         device=config.device,
     )
     for name in ROWS[3:]:
-        if "prior" in name:
-            rows.append({"task": "views", "representation": name, "status": "not implemented",
-                         "reason": "no view path for the MNI152 prior (its registration is to stacks)"})  # fmt: skip
+        if "prior" in name and prior is None:
+            rows.append({"task": "views", "representation": name, "status": "skipped",
+                         "reason": "no prior volume was given"})  # fmt: skip
             continue
         log.info("[views] %s ...", name)
         with Timer() as t:
             rss0 = t.peak_rss_mb
-            if name == "gaussians":
+            if "prior" in name:
+                from .views.prior_fit import fit_views_prior
+
+                fit, _ = fit_views_prior(views, prior, config=field_cfg, name="MNI152")
+                n_params = int(np.prod(fit.grid.shape))
+            elif name == "gaussians":
                 fit, keep, _ = fit_views_gaussians(views, config=field_cfg)
                 n_params = int(keep.sum())
             else:
@@ -372,7 +382,7 @@ def run_table(
     """
     start = time.perf_counter()
     truth, box = prepare_truth(volume, config=config)
-    if prior is None and "stacks" in config.tasks:
+    if prior is None:  # the stacks and the views tasks both have a prior row
         from .data import mni152_t1_path
         from .io import load_volume
 
@@ -395,10 +405,10 @@ def run_table(
     if "views" in config.tasks:
         if work_dir is None:
             with tempfile.TemporaryDirectory(prefix="sf-table-") as tmp:
-                done("views", run_views(truth, Path(tmp), config=config))
+                done("views", run_views(truth, Path(tmp), config=config, prior=prior))
         else:
             Path(work_dir).mkdir(parents=True, exist_ok=True)
-            done("views", run_views(truth, Path(work_dir), config=config))
+            done("views", run_views(truth, Path(work_dir), config=config, prior=prior))
     return result
 
 
@@ -430,7 +440,7 @@ def format_views(rows: list[dict]) -> str:
     ]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['representation']} | not implemented | | | | |")  # reason in the JSON
+            lines.append(f"| {r['representation']} | {r['status']} | | | | |")  # reason in the JSON
             continue
         lines.append(
             f"| {r['representation']} | {r['psnr_views']:.2f} ({r['psnr_views_min']:.2f}) | {r['ssim_views']:.4f} | "

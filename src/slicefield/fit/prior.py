@@ -322,10 +322,9 @@ def match_intensity(
 ) -> tuple[float, float, float]:
     """``(gain, offset, residual_rms)`` mapping prior ``values`` (fit grid) to the stacks' intensities.
 
-    Over pixels fully inside the grid (``A_s 1 = 1``), inside the stack mask and inside the object (prior prediction
-    or slice value above :data:`OBJECT_FRACTION` of its 99.5th percentile), ``gain * (A_s values) + offset`` gets
-    the mean and the standard deviation (noise removed: Immerkaer's estimate) of the acquired values.
-    kind ``none``: gain 1, offset 0. residual_rms: RMS of acquired minus matched prediction over those pixels.
+    Over pixels fully inside the grid (``A_s 1 = 1``) and inside the stack mask, :func:`match_moments` of the
+    prior's predicted slices ``A_s values`` and the acquired values (noise: Immerkaer's estimate in the slices).
+    kind ``none``: gain 1, offset 0.
     """
     from ..metrics import estimate_noise_sigma
 
@@ -339,7 +338,27 @@ def match_intensity(
             keep &= stack.mask
         preds.append(pred[keep])
         ys.append(stack.data[keep])
-    p, y = np.concatenate(preds).astype(np.float64), np.concatenate(ys).astype(np.float64)
+    return match_moments(np.concatenate(preds), np.concatenate(ys), noise=noise, kind=kind)
+
+
+def match_moments(
+    predicted: np.ndarray,
+    acquired: np.ndarray,
+    *,
+    noise: float,
+    kind: Literal["linear", "gain", "none"] = "linear",
+    name: str | None = None,
+) -> tuple[float, float, float]:
+    """``(gain, offset, residual_rms)`` with ``gain * predicted + offset`` ~ ``acquired`` (1-D, same length).
+
+    Over the object (prediction or acquired value above :data:`OBJECT_FRACTION` of its 99.5th percentile):
+    kind ``linear``: the mean and the standard deviation (less the noise variance ``noise^2``) of the acquired
+    values; ``gain``: offset 0 and equal sums (for line integrals, where a grid offset is not a constant: the sum of
+    a view is the object's total intensity, whatever its alignment); ``none``: gain 1, offset 0.
+    residual_rms: RMS of acquired minus matched prediction over the object. Raises a one-line SlicefieldError (about
+    the prior ``name``) when fewer than :data:`MIN_OVERLAP_PIXELS` pixels are left.
+    """
+    p, y = predicted.astype(np.float64), acquired.astype(np.float64)
     if p.size:
         inside = (p > OBJECT_FRACTION * np.percentile(p, 99.5)) | (y > OBJECT_FRACTION * np.percentile(y, 99.5))
     else:
@@ -348,6 +367,7 @@ def match_intensity(
     if p.size < MIN_OVERLAP_PIXELS:
         raise SlicefieldError(
             f"the prior overlaps only {p.size} acquired pixels",
+            path=name,
             fix="check the prior's position (its header), or let it be registered (drop --prior-registration none)",
         )
     gain, offset = 1.0, 0.0
@@ -355,46 +375,39 @@ def match_intensity(
         spread = float(np.sqrt(max(float(np.var(y)) - noise**2, 0.0)))
         gain = spread / max(float(np.std(p)), 1e-12)
         offset = float(np.mean(y)) - gain * float(np.mean(p))
+    elif kind == "gain":
+        gain = float(np.sum(y)) / max(float(np.sum(p)), 1e-30)
     r = y - (gain * p + offset)
     return float(gain), float(offset), float(np.sqrt(np.mean(r * r)))
 
 
-def embed_prior(
+def align_prior(
     prior: Volume,
-    stacks: list[Stack],
     grid: Volume,
+    estimate: np.ndarray | None,
     *,
     config: PriorConfig = PriorConfig(),
-    operators: list | None = None,
     name: str = "prior",
-) -> PriorEmbedding:
-    """The prior aligned, resampled onto ``grid`` (shape + voxel -> world mm RAS affine) and intensity-matched.
+) -> tuple[np.ndarray, float | None, np.ndarray]:
+    """Steps 1-2 of the module docstring: ``(T, metric, values)``, the prior registered to ``estimate`` and
+    resampled onto ``grid`` (shape + voxel -> world mm RAS affine).
 
-    operators: the stacks' :class:`~slicefield.acquisition.operator.StackOperator` on ``grid`` (built if None).
-    name: how errors refer to the prior (its file name).
+    estimate: ``grid.shape`` intensities, a first reconstruction on ``grid`` (the fixed image; unused, may be None,
+    when ``config.registration`` is none). Uses ``config.registration``, ``deformable_mm`` and
+    ``registration_config``. T: ``(4, 4)`` world mm RAS, prior anatomy -> subject (identity without registration;
+    a deformable refinement is in ``values`` only); metric: None without registration. Raises a one-line
+    SlicefieldError when the resampled prior covers under :data:`MIN_OVERLAP_FRACTION` of the grid.
     """
     from scipy import ndimage
 
-    from ..acquisition.operator import StackOperator
-    from ..baselines.bspline import bspline_average
-    from ..metrics import estimate_noise_sigma, foreground_mask
+    from ..metrics import foreground_mask
 
-    check_prior_volume(prior, name=name)
-    if operators is None:
-        operators = [StackOperator(s, grid.shape, grid.affine) for s in stacks]
     t, metric, displacement = np.eye(4), None, None
-    estimate = None
-    if config.registration != "none" or config.intensity == "local":
-        estimate = bspline_average(stacks, grid)
-        if config.reference == "srr":
-            from ..baselines.srr import srr
-
-            estimate = srr(stacks, grid, init=estimate, operators=operators)
     if config.registration != "none":
-        fixed = Volume(estimate, grid.affine)
+        fixed = Volume(np.asarray(estimate, np.float32), grid.affine)
         mask = None
-        if config.registration_config.use_mask and np.any(estimate > 0):
-            mask = ndimage.binary_dilation(foreground_mask(estimate), iterations=3)
+        if config.registration_config.use_mask and np.any(fixed.data > 0):
+            mask = ndimage.binary_dilation(foreground_mask(fixed.data), iterations=3)
         kind = "rigid" if config.registration == "rigid" else "affine"
         t, metric = register_prior(
             fixed, prior, kind=kind, config=config.registration_config, fixed_mask=mask, name=name
@@ -417,6 +430,38 @@ def embed_prior(
             path=name,
             fix="check the prior's header, or let it be registered (drop --prior-registration none)",
         )
+    return t, metric, values
+
+
+def embed_prior(
+    prior: Volume,
+    stacks: list[Stack],
+    grid: Volume,
+    *,
+    config: PriorConfig = PriorConfig(),
+    operators: list | None = None,
+    name: str = "prior",
+) -> PriorEmbedding:
+    """The prior aligned, resampled onto ``grid`` (shape + voxel -> world mm RAS affine) and intensity-matched.
+
+    operators: the stacks' :class:`~slicefield.acquisition.operator.StackOperator` on ``grid`` (built if None).
+    name: how errors refer to the prior (its file name).
+    """
+    from ..acquisition.operator import StackOperator
+    from ..baselines.bspline import bspline_average
+    from ..metrics import estimate_noise_sigma
+
+    check_prior_volume(prior, name=name)
+    if operators is None:
+        operators = [StackOperator(s, grid.shape, grid.affine) for s in stacks]
+    estimate = None
+    if config.registration != "none" or config.intensity == "local":
+        estimate = bspline_average(stacks, grid)
+        if config.reference == "srr":
+            from ..baselines.srr import srr
+
+            estimate = srr(stacks, grid, init=estimate, operators=operators)
+    t, metric, values = align_prior(prior, grid, estimate, config=config, name=name)
     try:
         kind = "none" if config.intensity == "none" else "linear"
         gain, offset, rms = match_intensity(values, stacks, operators, kind=kind)
