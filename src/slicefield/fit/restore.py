@@ -92,7 +92,12 @@ class RestoreResult:
 
 
 def build_network(config: RestoreConfig) -> nn.Sequential:
-    """The residual CNN: ``depth`` 3x3x3 convolutions with ReLU, the last one started near zero (identity)."""
+    """The residual CNN: ``depth`` 3x3x3 convolutions with ReLU, the last one started near zero (identity).
+
+    Its weights are stored channels-last (``torch.channels_last_3d``), which selects faster oneDNN convolutions on
+    the CPU: one training step (4 patches of 24^3, forward + backward + Adam, one thread) took 0.10 s against
+    0.15-0.22 s contiguous, and one pass over a 181 x 217 x 181 volume 5.2-5.7 s against 8.3-9.8 s (2-core AMD EPYC
+    VM, torch 2.13.0+cpu, 2026-12-07, interleaved runs)."""
     layers: list[nn.Module] = [nn.Conv3d(1, config.channels, 3, padding=1), nn.ReLU()]
     for _ in range(config.depth - 2):
         layers += [nn.Conv3d(config.channels, config.channels, 3, padding=1), nn.ReLU()]
@@ -101,7 +106,7 @@ def build_network(config: RestoreConfig) -> nn.Sequential:
     with torch.no_grad():
         net[-1].weight.mul_(0.1)
         net[-1].bias.zero_()
-    return net
+    return net.to(memory_format=torch.channels_last_3d)
 
 
 def reacquire(volume: np.ndarray, stacks: list[Stack], operators: list, *, sigma: float, seed: int) -> list[Stack]:
