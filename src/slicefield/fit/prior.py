@@ -212,7 +212,7 @@ def register_prior(
     except RuntimeError as e:  # ITK reports no overlap, too few samples, ... as RuntimeError
         raise _itk_failure(
             e,
-            "registration of the prior to the stacks failed",
+            "registration of the prior to the first estimate failed",
             name=name,
             fix="check that the prior shows the same anatomy, or align it first and pass --prior-registration none",
         ) from e
@@ -558,7 +558,7 @@ class PriorPull:
         return c * value, c * dr
 
 
-def _registration(config: PriorConfig):
+def _registration(config: RegistrationConfig):
     """A SimpleITK registration with the config's metric and random sampling (both prior registrations use it)."""
     import SimpleITK as sitk
 
