@@ -41,14 +41,6 @@ TRUNCATE_SIGMA = 3.0
 CHUNK = 16384
 
 
-def _sym_inverse(cov: np.ndarray) -> np.ndarray:
-    """``(N, 3, 3)`` covariances -> their inverses; a one-line error for one that is not positive definite."""
-    eig = np.linalg.eigvalsh(cov)
-    if not (eig > 0).all():
-        raise SlicefieldError("a Gaussian's covariance is not positive definite", fix="check the Gaussians' scales")
-    return np.linalg.inv(cov)
-
-
 def line_integral_matrix(
     camera: Camera, means_mm: np.ndarray, covariances_mm: np.ndarray, *, truncate: float = TRUNCATE_SIGMA
 ) -> sp.csr_matrix:
@@ -64,8 +56,11 @@ def line_integral_matrix(
         cov = cov[:, None, None] ** 2 * np.eye(3)
     if cov.shape != (len(mu), 3, 3):
         raise ValueError(f"covariances must be (N, 3, 3) or (N,) for N = {len(mu)} centres, got {cov.shape}")
-    inv = _sym_inverse(cov)
-    std_max = np.sqrt(np.linalg.eigvalsh(cov)[:, -1])  # (N,) mm
+    eig = np.linalg.eigvalsh(cov)  # (N, 3) ascending, mm^2
+    if not (eig > 0).all():
+        raise SlicefieldError("a Gaussian's covariance is not positive definite", fix="check the Gaussians' scales")
+    inv = np.linalg.inv(cov)
+    std_max = np.sqrt(eig[:, -1])  # (N,) mm
     origins, dirs = camera.rays()  # (H, W, 3) world mm RAS
     uv, depth = camera.project(mu)
     # object-space pixel pitch at each centre's depth (cone: grows with the distance from the source)
