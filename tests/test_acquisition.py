@@ -12,7 +12,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from slicefield.acquisition import psf
+from slicefield.acquisition import operator, psf
 from slicefield.acquisition.operator import StackOperator, acquire, slice_groups
 from slicefield.acquisition.psf import INPLANE_FWHM_PER_SPACING, TRUNCATE_SIGMAS, profile_halfwidth, profile_weights
 from slicefield.acquisition.simulate import (
@@ -256,6 +256,29 @@ def test_sparse_forward_matches_plain_acquire(case, step_mm):
     plain = acquire(x, vol.affine, st, step_mm=step_mm)
     assert np.abs(plain).max() > 0.5
     assert _rel(fast, plain) < 1e-5
+
+
+def test_moved_slices_fold_the_through_plane_quadrature_into_the_sampler(monkeypatch):
+    # A slice moved on its own shares no fine plane with another slice, so Mz is folded into its sampler: one row
+    # per in-plane point, the neighbouring planes' trilinear weights merged on shared voxels. Same operator, fewer
+    # nonzeros. A motion-free stack shares planes between slices and is left as it was.
+    vol, st = make_case("motion")
+    folded = StackOperator(st, vol.shape, vol.affine)
+    assert all(g.fine_shape[0] == len(g.slices) == 1 and g.mz.tolist() == [[1.0]] for g in folded.groups)
+    with monkeypatch.context() as m:
+        m.setattr(operator, "fold_through_plane", lambda g, sampler: (g, sampler))
+        plain = StackOperator(st, vol.shape, vol.affine)
+    assert all(g.fine_shape[0] > 1 for g in plain.groups)
+    assert folded.nnz < 0.7 * plain.nnz  # measured 0.5-0.6 here (0.47 on a 1 mm brain grid, 4 mm slices)
+    rng = np.random.default_rng(4)
+    x = rng.random(vol.shape).astype(np.float32)
+    y = rng.random(st.data.shape).astype(np.float32)
+    # float32 sums in another order: a few ulps
+    assert _rel(folded.forward(x), plain.forward(x)) < 1e-5
+    assert _rel(folded.adjoint(y), plain.adjoint(y)) < 1e-5
+    vol, st = make_case("oblique")
+    (g,) = StackOperator(st, vol.shape, vol.affine).groups
+    assert g.fine_shape[0] > st.n_slices  # planes shared: not folded
 
 
 # ---------------------------------------------------------------- physics of the forward model
