@@ -159,7 +159,9 @@ def pose_statistics(stacks: list[Stack], record: SimulationRecord, result: Motio
     }
 
 
-def run_case(truth: Volume, orientations: tuple[str, ...], *, seed: int = 0, log) -> dict:
+def run_case(
+    truth: Volume, orientations: tuple[str, ...], *, seed: int = 0, simulation: SimulationConfig = MOTION, log
+) -> dict:
     mask = foreground_mask(truth.data)
     grid = Volume(np.zeros(truth.shape, np.float32), truth.affine)
     rows: list[dict] = []
@@ -177,7 +179,7 @@ def run_case(truth: Volume, orientations: tuple[str, ...], *, seed: int = 0, log
         rows.append(row)
         return data
 
-    config = replace(MOTION, orientations=orientations, seed=seed)
+    config = replace(simulation, orientations=orientations, seed=seed)
     t0 = time.perf_counter()
     free = apply_simulation(
         truth, sample_simulation(truth, replace(config, motion_deg=0, motion_mm=0, corrupt_fraction=0))
@@ -253,7 +255,9 @@ def motion_part(record: SimulationRecord, center_mm: np.ndarray, part: str) -> S
     return out
 
 
-def oracle_breakdown(truth: Volume, orientations: tuple[str, ...], *, seed: int = 0, log) -> dict:
+def oracle_breakdown(
+    truth: Volume, orientations: tuple[str, ...], *, seed: int = 0, simulation: SimulationConfig = MOTION, log
+) -> dict:
     """Where the oracle's loss comes from: ``srr`` (defaults) of the same acquisition, one factor at a time.
 
     Rows: motion-free (the target); motion-free with the corrupted slices' indices left out (exclusion alone);
@@ -267,7 +271,7 @@ def oracle_breakdown(truth: Volume, orientations: tuple[str, ...], *, seed: int 
     mask = foreground_mask(truth.data)
     grid = Volume(np.zeros(truth.shape, np.float32), truth.affine)
     center = truth.world_corners().mean(axis=0)
-    config = replace(MOTION, orientations=orientations, seed=seed)
+    config = replace(simulation, orientations=orientations, seed=seed)
     still = sample_simulation(truth, replace(config, motion_deg=0, motion_mm=0, corrupt_fraction=0))
     free = apply_simulation(truth, still)
     record = sample_simulation(truth, config)
@@ -367,24 +371,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the tables, pose statistics and machine here")
     p.add_argument("--cases", default="3,2", help="3: axial+coronal+sagittal, 2: axial+sagittal (comma-separated)")
     p.add_argument("--breakdown", action="store_true", help="only the oracle's loss, one factor at a time")
+    p.add_argument("--motion", default="5,5", help="per-slice motion DEG,MM: uniform in +-DEG and +-MM (default 5,5)")
     args = p.parse_args(argv)
+    deg, mm = (float(v) for v in args.motion.split(","))
+    base = replace(MOTION, motion_deg=deg, motion_mm=mm)
     if args.volume == "mni":
         from slicefield.data import mni152_t1_path
 
         args.volume = str(mni152_t1_path())
     truth = load_volume(args.volume)
     cases = {"3": ("axial", "coronal", "sagittal"), "2": ("axial", "sagittal")}
-    simulation = to_jsonable(replace(MOTION, seed=args.seed))
+    simulation = to_jsonable(replace(base, seed=args.seed))
     out = {"command": sys.argv, "simulation": simulation, "cases": [], "environment": environment()}
     for key in args.cases.split(","):
         if args.breakdown:
-            case = oracle_breakdown(truth, cases[key], seed=args.seed, log=lambda m: print(m, flush=True))
+            case = oracle_breakdown(
+                truth, cases[key], seed=args.seed, simulation=base, log=lambda m: print(m, flush=True)
+            )
             out["cases"].append(case)
             print(breakdown_table(case))
             if args.json:
                 Path(args.json).write_text(json.dumps(to_jsonable(out), indent=1))
             continue
-        case = run_case(truth, cases[key], seed=args.seed, log=lambda m: print(m, flush=True))
+        case = run_case(truth, cases[key], seed=args.seed, simulation=base, log=lambda m: print(m, flush=True))
         out["cases"].append(case)
         print(table(case))
         print(coverage_table(case))

@@ -86,9 +86,12 @@ class SVRLevel:
     """Extra starts along each slice's normal (mm) for this round's registration (wider capture range)."""
 
 
-#: Default rounds: eight on a 2 mm grid, smoothed and with extra starts through the plane first, then two on the
-#: target grid (chosen on Colin27 with +-5 deg / +-5 mm per-slice motion, benchmarks/RESULTS.md).
+#: Default rounds: ten on a 2 mm grid, smoothed and with extra starts through the plane first, then two on the
+#: target grid (chosen on Colin27 with +-5 deg / +-5 mm per-slice motion; the first two, with 6 and 4 mm of blur
+#: and starts up to 8 mm, widen the capture range for +-10 deg / +-10 mm; benchmarks/RESULTS.md).
 DEFAULT_LEVELS: tuple[SVRLevel, ...] = (
+    SVRLevel(resolution_mm=2.0, blur_mm=6.0, stride=2, starts_mm=(-8.0, -4.0, 4.0, 8.0)),
+    SVRLevel(resolution_mm=2.0, blur_mm=4.0, stride=2, starts_mm=(-6.0, -3.0, 3.0, 6.0)),
     SVRLevel(resolution_mm=2.0, blur_mm=3.0, stride=2, starts_mm=(-6.0, -3.0, 3.0, 6.0)),
     SVRLevel(resolution_mm=2.0, blur_mm=2.0, stride=2, starts_mm=(-3.0, 3.0)),
     SVRLevel(resolution_mm=2.0, blur_mm=1.0, stride=2),
