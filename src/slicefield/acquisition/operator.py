@@ -18,8 +18,8 @@ low memory, for simulation). ``tests/test_acquisition.py`` checks that they agre
 When no fine plane is shared by two slices of a group (a slice moved on its own after per-slice motion),
 :class:`StackOperator` folds ``Mz`` into the cached sampler, ``S' = (Mz (x) I) S``: the same operator with one row
 per in-plane lattice point and slice instead of one per fine point. Trilinear weights of neighbouring planes share
-voxels, so ``S'`` holds about half the nonzeros of ``S`` (Colin27, 1 mm grid, a moved 4 mm axial slice: 0.47x) and
-is applied about 3x faster.
+voxels, so ``S'`` holds about half the nonzeros of ``S`` (Colin27, 1 mm grid, a moved 4 mm axial stack: 0.48x)
+and its adjoint runs about 2x faster (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
