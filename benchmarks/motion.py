@@ -364,6 +364,17 @@ def coverage_table(case: dict) -> str:
     return "\n".join(lines)
 
 
+def _motion_range(text: str) -> tuple[float, float]:
+    """``"DEG,MM"`` -> (deg, mm), both >= 0; anything else is a one-line usage error."""
+    try:
+        deg, mm = (float(v) for v in text.split(","))
+    except ValueError:
+        deg = mm = -1.0
+    if deg < 0 or mm < 0:
+        raise argparse.ArgumentTypeError(f"expected DEG,MM with both >= 0 (e.g. 10,10), got {text!r}")
+    return deg, mm
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("volume", help="reference volume (e.g. ch2bet.nii.gz), or mni for nilearn's MNI152 template")
@@ -371,9 +382,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the tables, pose statistics and machine here")
     p.add_argument("--cases", default="3,2", help="3: axial+coronal+sagittal, 2: axial+sagittal (comma-separated)")
     p.add_argument("--breakdown", action="store_true", help="only the oracle's loss, one factor at a time")
-    p.add_argument("--motion", default="5,5", help="per-slice motion DEG,MM: uniform in +-DEG and +-MM (default 5,5)")
+    p.add_argument(
+        "--motion", default="5,5", type=_motion_range, help="per-slice motion DEG,MM: uniform in +-DEG and +-MM"
+    )
     args = p.parse_args(argv)
-    deg, mm = (float(v) for v in args.motion.split(","))
+    deg, mm = args.motion
     base = replace(MOTION, motion_deg=deg, motion_mm=mm)
     if args.volume == "mni":
         from slicefield.data import mni152_t1_path

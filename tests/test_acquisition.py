@@ -269,7 +269,7 @@ def test_moved_slices_fold_the_through_plane_quadrature_into_the_sampler(monkeyp
         m.setattr(operator, "fold_through_plane", lambda g, sampler: (g, sampler))
         plain = StackOperator(st, vol.shape, vol.affine)
     assert all(g.fine_shape[0] > 1 for g in plain.groups)
-    assert folded.nnz < 0.7 * plain.nnz  # measured 0.5-0.6 here (0.47 on a 1 mm brain grid, 4 mm slices)
+    assert folded.nnz < 0.7 * plain.nnz  # measured 0.59 here (0.48 for a moved 4 mm stack on a 1 mm brain grid)
     rng = np.random.default_rng(4)
     x = rng.random(vol.shape).astype(np.float32)
     y = rng.random(st.data.shape).astype(np.float32)
